@@ -1,0 +1,17 @@
+"""Scoring for vtw_tiny_mme_choice.
+
+lmms-eval 0.7.3 turns every loglikelihood response into its string form
+(``api.instance.unwrap_generation_output``), which breaks the built-in multiple-choice scoring
+for all models; this reads the ``(log_likelihood, is_greedy)`` pairs back.
+"""
+
+import ast
+
+CHOICES = ["Yes", "No"]
+
+
+def choice_process_results(doc, results):
+    pairs = [ast.literal_eval(r) if isinstance(r, str) else r for r in results]
+    log_likelihoods = [float(pair[0]) for pair in pairs]
+    best = max(range(len(CHOICES)), key=log_likelihoods.__getitem__)
+    return {"acc": float(CHOICES[best] == doc["answer"])}

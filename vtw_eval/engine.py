@@ -1,0 +1,233 @@
+"""Visual Tokens Withdrawal (VTW, arXiv 2405.05803) on an unmodified transformers model.
+
+Layers 0..K-1 of the language decoder run on the whole sequence. Before layer K every visual
+token is withdrawn, so layers K..L-1 and the final norm run on the remaining tokens only.
+Kept tokens keep their original position ids; layers < K cache every token, layers >= K cache
+the kept tokens only, and decoding steps attend to whatever their layer cached.
+
+The engine is two kinds of forward pre-hook, nothing copied from or patched into transformers:
+
+* on the multimodal model: reads ``input_ids`` and the 2D attention mask of every call. A call
+  on an empty cache (prefill) plans the withdrawal for the batch; a later call (decoding step)
+  extends the plan's attention mask with the new tokens.
+* on each decoder layer: a layer >= K gets the kept positions' hidden states (the first
+  withdrawn layer only, during prefill), position embeddings and position ids, and an attention
+  mask built by transformers' own mask functions for the reduced sequence and KV cache.
+
+All state lives on one ``VisualTokenWithdrawal`` object per model and describes the current
+batch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+
+@dataclass
+class WithdrawalPlan:
+    """Which positions of a prefill batch survive withdrawal.
+
+    Rows keep different numbers of tokens when they hold different numbers of visual tokens, so
+    each row's kept positions are right-aligned in ``n_kept`` slots; the spare slots on the left
+    are masked out exactly like left padding.
+    """
+
+    visual_mask: torch.Tensor  # (batch, prompt_length) bool, True at visual tokens
+    kept_positions: torch.Tensor  # (batch, n_kept) long, original indices, ascending per row
+    kept_attention_mask: torch.Tensor  # (batch, n_kept) bool, False at spare slots and padding
+    prompt_length: int
+
+    @property
+    def batch_rows(self) -> torch.Tensor:
+        """Row index for advanced indexing together with ``kept_positions``."""
+        return torch.arange(self.kept_positions.shape[0], device=self.kept_positions.device)[:, None]
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Select the kept positions of a (..., batch or 1, prompt_length, features) tensor."""
+        batch = self.kept_positions.shape[0]
+        tensor = tensor.expand(*tensor.shape[:-3], batch, *tensor.shape[-2:])
+        return tensor[..., self.batch_rows, self.kept_positions, :]
+
+
+def plan_withdrawal(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_token_ids: list[int]
+) -> WithdrawalPlan:
+    """Find the visual positions of a prompt batch (by token id) and the positions that stay."""
+    visual_mask = torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device))
+    keep = ~visual_mask
+    if visual_mask[:, -1].any():
+        raise ValueError(
+            "A prompt ends with a visual token; VTW predicts from the last prompt token, which must be text."
+        )
+    n_kept = int(keep.sum(dim=1).max())
+    # A stable sort puts each row's visual positions first and its kept positions last, in order.
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
+    kept_positions = order[:, -n_kept:]
+    kept_attention_mask = keep.gather(1, kept_positions)
+    if attention_mask is not None:
+        kept_attention_mask &= attention_mask.to(torch.bool).gather(1, kept_positions)
+    return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, input_ids.shape[1])
+
+
+def visual_token_ids_of(config) -> list[int]:
+    """Token ids whose positions hold visual embeddings (image, and video where the model has one)."""
+    ids = []
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        value = getattr(config, name, None)
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    if not ids:
+        raise ValueError(f"{type(config).__name__} names no image or video token id; cannot find visual tokens.")
+    return ids
+
+
+def language_model_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (the module with ``.layers`` and ``.norm``) of a transformers VLM."""
+    for path in ("model.language_model", "language_model", "model"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module
+    raise ValueError(f"Cannot find the language decoder layers of {type(model).__name__}.")
+
+
+class VisualTokenWithdrawal:
+    """Withdraws visual tokens before decoder layer ``withdraw_layer`` of one model.
+
+    ``withdraw_layer`` may be changed at any time between calls; ``None`` or the layer count
+    means no withdrawal (the model runs bit-identically to the unmodified one).
+
+        vtw = VisualTokenWithdrawal(model, withdraw_layer=16)
+        model.generate(**inputs)      # withdrawal on
+        vtw.remove()                  # hooks gone
+    """
+
+    def __init__(self, model: nn.Module, withdraw_layer: int | None):
+        self.model = model
+        self.language_model = language_model_of(model)
+        self.num_layers = len(self.language_model.layers)
+        self.visual_token_ids = visual_token_ids_of(model.config)
+        self.withdraw_layer = withdraw_layer
+        self.plan: WithdrawalPlan | None = None  # of the current batch; None when nothing is withdrawn
+        self._seen_tokens = 0  # full-sequence length processed so far in the current batch
+        self._prefill = False  # whether the current call is the batch's prefill
+        self._reduced_2d_mask: torch.Tensor | None = None  # for the current call, over the reduced cache
+        self._layer_masks: dict[str, torch.Tensor | None] = {}  # built once per call and mask kind
+        self._handles = [model.register_forward_pre_hook(self._before_model_call, with_kwargs=True)]
+        for index, layer in enumerate(self.language_model.layers):
+            hook = self._make_layer_hook(index)
+            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+
+    @property
+    def withdraw_layer(self) -> int | None:
+        return self._withdraw_layer
+
+    @withdraw_layer.setter
+    def withdraw_layer(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_layers):
+            raise ValueError(f"withdraw_layer must be an integer in 0..{self.num_layers} or None, got {value!r}")
+        self._withdraw_layer = value
+
+    @property
+    def active(self) -> bool:
+        return self._withdraw_layer is not None and self._withdraw_layer < self.num_layers
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- the model-level hook: plan at prefill, extend the mask at decoding steps ---------------
+
+    def _before_model_call(self, module, args, kwargs):
+        self._layer_masks = {}
+        if not self.active:
+            self.plan = None
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("VTW needs input_ids to find the visual tokens; got inputs_embeds only.")
+        attention_mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        new_tokens = input_ids.shape[1]
+
+        self._prefill = cache is None or cache.get_seq_length() == 0  # or a forward without cache
+        if self._prefill:
+            self.plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
+            self._seen_tokens = new_tokens
+            if not self.plan.visual_mask.any():
+                self.plan = None  # a text-only batch runs as the unmodified model
+                return None
+            self._reduced_2d_mask = self.plan.kept_attention_mask
+            return None
+
+        if self.plan is None:  # decoding a text-only batch: nothing to do
+            self._seen_tokens += new_tokens
+            return None
+        if torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device)).any():
+            raise ValueError("VTW cannot add visual tokens to a prompt that is already cached.")
+        if input_ids.shape[0] != self.plan.kept_positions.shape[0]:
+            raise ValueError("The decoding batch does not match the batch whose withdrawal was planned.")
+        # The kept prompt slots, then every token after the prompt (generated or appended).
+        after_prompt = self._seen_tokens + new_tokens - self.plan.prompt_length
+        if attention_mask is None:
+            tail = torch.ones(input_ids.shape[0], after_prompt, dtype=torch.bool, device=input_ids.device)
+        else:
+            tail = attention_mask[:, -after_prompt:].to(torch.bool)
+        self._reduced_2d_mask = torch.cat([self.plan.kept_attention_mask, tail], dim=1)
+        if kwargs.get("position_ids") is None:
+            # The decoder would count positions from its layer-0 cache, which is reduced when K = 0.
+            positions = torch.arange(self._seen_tokens, self._seen_tokens + new_tokens, device=input_ids.device)
+            kwargs = {**kwargs, "position_ids": positions[None].expand(input_ids.shape[0], -1)}
+        self._seen_tokens += new_tokens
+        return args, kwargs
+
+    # -- the layer-level hooks ---------------------------------------------------------------
+
+    def _make_layer_hook(self, layer_index: int):
+        def hook(module, args, kwargs):
+            if self.plan is None or layer_index < self._withdraw_layer:
+                return None
+            return self._withdrawn_layer_inputs(layer_index, args, kwargs)
+
+        return hook
+
+    def _withdrawn_layer_inputs(self, layer_index: int, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._prefill:
+            if layer_index == self._withdraw_layer:
+                hidden = self.plan.gather(hidden)
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = (self.plan.gather(cos), self.plan.gather(sin))
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = self.plan.gather(kwargs["position_ids"][..., None])[..., 0]
+        kwargs["attention_mask"] = self._mask_for(layer_index, hidden, kwargs.get("past_key_values"))
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _mask_for(self, layer_index: int, hidden: torch.Tensor, cache) -> torch.Tensor | None:
+        """The attention mask of a withdrawn layer, in the format its attention implementation wants."""
+        config = self.language_model.config
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            kind = layer_types[layer_index]
+        else:
+            kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+        if kind not in self._layer_masks:
+            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            # Sized against this layer's cache, which holds the kept tokens only.
+            self._layer_masks[kind] = make_mask(
+                config=config,
+                inputs_embeds=hidden,
+                attention_mask=self._reduced_2d_mask,
+                past_key_values=cache,
+                layer_idx=layer_index if cache is not None else None,
+            )
+        return self._layer_masks[kind]

@@ -1,0 +1,156 @@
+"""Small random checkpoints in the llava-hf layout, built offline from configs.
+
+They load with ``from_pretrained(path)`` exactly like ``llava-hf/llava-1.5-7b-hf`` (model,
+word-level tokenizer with an ``<image>`` token, CLIP image processor, LlavaProcessor with a
+llava-1.5 chat template), so every code path a GPU user runs is exercised by the tests and the
+demo without a model hub.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+WORDS = (
+    "A chat between a curious user and an artificial intelligence assistant . The assistant gives "
+    "helpful , detailed , and polite answers to the user's questions USER ASSISTANT : ? ! \n "
+    "Is there the in image picture Answer question using single word or phrase yes no Yes No "
+    "What colour color shape how many of is are on left right top bottom center red green blue "
+    "yellow white black circle square triangle text say does Please answer with letter option "
+    "from given choices directly Describe this briefly one two three four five six seven eight "
+    "nine ten it . , big small"
+).split(" ")
+# Llama-1.5's chat template, accepting string content and lists of image/text parts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }} "
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% else %}ASSISTANT: {{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer(extra_words: list[str] = ()) -> PreTrainedTokenizerFast:
+    words = list(dict.fromkeys([*WORDS, *extra_words, *string.ascii_letters, *string.digits, *string.punctuation]))
+    words = [w for w in words if w and w not in SPECIAL_TOKENS]
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_text_config(vocab_size: int, num_layers: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query heads, so the KV layout is not the trivial one
+        max_position_embeddings=512,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_vision_config(image_size: int = 32, patch_size: int = 8) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+
+
+def build_tiny_llava(
+    path: str | Path, num_layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"
+) -> Path:
+    """A LlavaForConditionalGeneration with random weights, saved with its processor."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = LlavaConfig(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(len(tokenizer), num_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)
+
+
+def build_tiny_llava_next(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """A LlavaNextForConditionalGeneration (any-resolution tiles and image newline tokens)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    grid = [[32, 32], [32, 64], [64, 32]]
+    config = LlavaNextConfig(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(len(tokenizer), num_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-1,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=grid
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)
+
+
+def _save(path: str | Path, model, processor) -> Path:
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
