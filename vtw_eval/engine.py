@@ -32,12 +32,12 @@ class WithdrawalPlan:
     """Which positions of a prefill batch survive withdrawal.
 
     Rows keep different numbers of tokens when they hold different numbers of visual tokens, so
-    each row's kept positions are right-aligned in ``n_kept`` slots; the spare slots on the left
-    are masked out exactly like left padding.
+    each row's kept positions are right-aligned, in order, in ``n_kept`` slots; the spare slots on
+    the left point at withdrawn positions and are masked out exactly like left padding.
     """
 
     visual_mask: torch.Tensor  # (batch, prompt_length) bool, True at visual tokens
-    kept_positions: torch.Tensor  # (batch, n_kept) long, original indices, ascending per row
+    kept_positions: torch.Tensor  # (batch, n_kept) long, original indices
     kept_attention_mask: torch.Tensor  # (batch, n_kept) bool, False at spare slots and padding
     prompt_length: int
 

@@ -1,0 +1,124 @@
+"""The vtw_llava lmms-eval backend, driven with lmms-eval Instances in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_LAYERS, load_model, picture
+from lmms_eval.api.instance import Instance
+from reference import reference_vtw_logits
+
+from vtw_eval.backends.base import parse_withdraw_layer
+from vtw_eval.backends.llava import VTWLlava
+from vtw_eval.engine import VisualTokenWithdrawal
+
+QUESTIONS = ["Is there a red square ?", "What colour is the square ?", "Is it big ?", "How many squares are there ?"]
+GEN_KWARGS = {"max_new_tokens": 5, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+
+
+def docs():
+    # doc 2 has no image (text-only docs exist in ScienceQA); doc 3 has two.
+    images = [[picture(0)], [picture(1)], [], [picture(2), picture(3)]]
+    return [{"question": q, "images": im} for q, im in zip(QUESTIONS, images)]
+
+
+def doc_to_visual(doc):
+    return doc["images"]
+
+
+def backend(path, withdraw_layer, batch_size=1):
+    lm = VTWLlava(pretrained=str(path), withdraw_layer=withdraw_layer, device="cpu", batch_size=batch_size)
+    lm.task_dict = {"tiny": {"test": docs()}}
+    return lm
+
+
+def request(request_type, arguments):
+    metadata = {"task": "tiny", "doc_id": arguments[3], "repeats": 1}
+    return Instance(request_type, arguments, idx=0, metadata=metadata)
+
+
+def generation_requests():
+    return [
+        request("generate_until", (doc["question"], dict(GEN_KWARGS), doc_to_visual, i, "tiny", "test"))
+        for i, doc in enumerate(docs())
+    ]
+
+
+def expected_answers(path, processor, withdraw_layer):
+    """Greedy answers computed straight from transformers plus the engine, one prompt at a time."""
+    model = load_model(path)
+    VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
+    answers = []
+    for doc in docs():
+        context = " ".join(["<image>"] * len(doc["images"])) + "\n" + doc["question"] if doc["images"] else doc["question"]
+        text = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
+        )
+        inputs = processor(images=doc["images"] or None, text=[text], return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=3, eos_token_id=2)
+        answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+@pytest.mark.parametrize("withdraw_layer", [1, "none"])
+def test_generate_until_batched_equals_engine(tiny_llava_path, processor, withdraw_layer):
+    layer = None if withdraw_layer == "none" else withdraw_layer
+    expected = expected_answers(tiny_llava_path, processor, layer)
+    assert backend(tiny_llava_path, withdraw_layer, 1).generate_until(generation_requests()) == expected
+    assert backend(tiny_llava_path, withdraw_layer, 3).generate_until(generation_requests()) == expected
+
+
+def test_loglikelihood_equals_reference(tiny_llava_path, processor):
+    withdraw_layer, continuation = 2, " Yes"
+    lm = backend(tiny_llava_path, withdraw_layer)
+    arguments = (QUESTIONS[0], continuation, doc_to_visual, 0, "tiny", "test")
+    ((log_likelihood, is_greedy),) = lm.loglikelihood([request("loglikelihood", arguments)])
+
+    model = load_model(tiny_llava_path)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\n" + QUESTIONS[0]}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = dict(processor(images=[picture(0)], text=[prompt + continuation], return_tensors="pt"))
+    logits, _ = reference_vtw_logits(model, inputs, withdraw_layer)
+    target = processor.tokenizer.convert_tokens_to_ids("Yes")
+    assert inputs["input_ids"][0, -1] == target
+    expected = torch.log_softmax(logits[0, -2], dim=-1)[target].item()
+    assert log_likelihood == pytest.approx(expected, abs=1e-5)
+    assert is_greedy == (logits[0, -2].argmax().item() == target)
+
+
+def test_failed_generation_names_the_doc(tiny_llava_path):
+    lm = backend(tiny_llava_path, 1)
+    lm.task_dict["tiny"]["test"][1]["images"] = ["not-an-image.png"]
+    with pytest.raises(RuntimeError, match=r"\('tiny', 1\).*takes images"):
+        lm.generate_until(generation_requests())
+
+
+def test_generation_errors_are_raised_not_swallowed(tiny_llava_path, monkeypatch):
+    lm = backend(tiny_llava_path, 1)
+
+    def broken_generate(**kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(lm.model, "generate", broken_generate)
+    with pytest.raises(RuntimeError, match=r"VTW generation failed.*\('tiny', 3\).*simulated"):
+        lm.generate_until(generation_requests())
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, None), ("none", None), ("None", None), (0, 0), ("3", 3), (NUM_LAYERS, NUM_LAYERS)],
+)
+def test_parse_withdraw_layer(value, expected):
+    assert parse_withdraw_layer(value, NUM_LAYERS) == expected
+
+
+@pytest.mark.parametrize("value", [-1, NUM_LAYERS + 1, "sixteen", "2.5", 2.5, True])
+def test_parse_withdraw_layer_rejects(value):
+    with pytest.raises(ValueError, match=rf"withdraw_layer={value!r} is not accepted; use an integer from 0 to {NUM_LAYERS}"):
+        parse_withdraw_layer(value, NUM_LAYERS)
+
+
+def test_unknown_model_args_are_refused(tiny_llava_path):
+    with pytest.raises(ValueError, match="Unknown model_args.*withdraw_layers"):
+        VTWLlava(pretrained=str(tiny_llava_path), withdraw_layers=3, device="cpu")

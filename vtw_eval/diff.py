@@ -1,0 +1,262 @@
+"""`vtw-diff`: compare lmms-eval results, a baseline run against one or more candidate runs.
+
+    vtw-diff results/baseline results/vtw_k16 [results/vtw_k12 ...] [--format markdown]
+             [--fail-on-drop 1.0] [--samples] [--labels base,k16,k12]
+
+Each input is a ``*_results.json`` written by lmms-eval, or a directory holding them (the newest
+one is used). The first input is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+FORMATS = ("table", "markdown", "csv", "json")
+EFFICIENCY_KEYS = ("withdraw_layer", "prefill_tflops", "prefill_tflops_saved", "kv_cache_mb", "kv_cache_saved")
+
+
+@dataclass
+class Run:
+    label: str
+    results_file: Path
+    data: dict
+    metrics: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, metric) -> value, stderr, hib
+
+
+def find_results_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        files = sorted(path.rglob("*_results.json"), key=lambda p: (p.stat().st_mtime, p.name))
+        if files:
+            return files[-1]
+        raise ValueError(f"{path}: no lmms-eval *_results.json file in this directory")
+    raise ValueError(f"{path}: no such file or directory")
+
+
+def _number(value) -> float | None:
+    """A metric value as a float; None for lmms-eval's "N/A", NaN and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    results_file = find_results_file(Path(path))
+    try:
+        data = json.loads(results_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{results_file}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ValueError(f"{results_file}: not an lmms-eval results file (no 'results' section)")
+    config = data.get("config") or {}
+    if label is None:
+        layer = re.search(r"withdraw_layer=([^,]+)", str(config.get("model_args", "")))
+        label = f"{config.get('model', results_file.parent.name)}" + (f" K={layer.group(1)}" if layer else "")
+    run = Run(label, results_file, data)
+    higher_is_better = data.get("higher_is_better") or {}
+    for task, entries in data["results"].items():
+        for key, value in entries.items():
+            if "," not in key or "_stderr" in key:
+                continue
+            metric, filter_name = key.split(",", 1)
+            name = metric if filter_name == "none" else key
+            run.metrics[(task, name)] = {
+                "value": _number(value),
+                "stderr": _number(entries.get(f"{metric}_stderr,{filter_name}")),
+                "higher_is_better": (higher_is_better.get(task) or {}).get(metric),
+            }
+    return run
+
+
+def metric_rows(runs: list[Run]) -> list[dict]:
+    """One row per (task, metric) found in any run; missing ones stay None."""
+    keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
+    rows = []
+    baseline = runs[0]
+    for task, metric in keys:
+        entries = [run.metrics.get((task, metric)) for run in runs]
+        hib = next((e["higher_is_better"] for e in entries if e and e["higher_is_better"] is not None), None)
+        row = {"task": task, "metric": metric, "higher_is_better": hib}
+        base_value = entries[0]["value"] if entries[0] else None
+        for run, entry in zip(runs, entries):
+            value = entry["value"] if entry else None
+            row[run.label] = value
+            row[f"{run.label} stderr"] = entry["stderr"] if entry else None
+            if run is baseline:
+                continue
+            delta = None if value is None or base_value is None else value - base_value
+            row[f"{run.label} delta"] = delta
+            row[f"{run.label} rel"] = None if delta is None or base_value == 0 else delta / abs(base_value)
+        row["present_in"] = sum(entry is not None for entry in entries)
+        rows.append(row)
+    return rows
+
+
+def efficiency_rows(runs: list[Run]) -> list[dict]:
+    """Wall time and, when the backend logged them, the VTW figures under ``throughput``."""
+    rows = []
+    wall = [_number(_as_float(run.data.get("total_evaluation_time_seconds"))) for run in runs]
+    if any(v is not None for v in wall):
+        rows.append({"figure": "wall time (s)", **{run.label: v for run, v in zip(runs, wall)}})
+    for key in EFFICIENCY_KEYS:
+        values = [_number((run.data.get("throughput") or {}).get(f"avg_{key}")) for run in runs]
+        if any(v is not None for v in values):
+            rows.append({"figure": key, **{run.label: v for run, v in zip(runs, values)}})
+    return rows
+
+
+def _as_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:
+    """Per task and candidate: how many answers differ from the baseline's, and the first few."""
+    changes = []
+    baseline = runs[0]
+    for task in baseline.data["results"]:
+        base_answers = _answers(baseline, task)
+        if base_answers is None:
+            continue
+        for run in runs[1:]:
+            answers = _answers(run, task)
+            if answers is None:
+                continue
+            common = sorted(set(base_answers) & set(answers))
+            changed = [doc for doc in common if answers[doc] != base_answers[doc]]
+            changes.append(
+                {
+                    "task": task,
+                    "candidate": run.label,
+                    "compared": len(common),
+                    "changed": len(changed),
+                    "examples": [(doc, base_answers[doc], answers[doc]) for doc in changed[:show]],
+                }
+            )
+    return changes
+
+
+def _answers(run: Run, task: str) -> dict | None:
+    """doc_id -> filtered answer, from the --log_samples file written beside the results file."""
+    prefix = run.results_file.name.removesuffix("_results.json")
+    samples_file = run.results_file.parent / f"{prefix}_samples_{task}.jsonl"
+    if not samples_file.exists():
+        return None
+    answers = {}
+    for number, line in enumerate(samples_file.read_text().splitlines(), 1):
+        try:
+            sample = json.loads(line)
+            answers[sample["doc_id"]] = json.dumps(sample["filtered_resps"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{samples_file}:{number}: not an lmms-eval sample ({error})") from None
+    return answers
+
+
+def drops(rows: list[dict], runs: list[Run], threshold: float) -> list[str]:
+    """Metrics that got worse than the baseline by more than ``threshold`` (in metric units)."""
+    found = []
+    for row in rows:
+        if row["higher_is_better"] is None:
+            continue
+        for run in runs[1:]:
+            delta = row.get(f"{run.label} delta")
+            if delta is None:
+                continue
+            worse_by = -delta if row["higher_is_better"] else delta
+            if worse_by > threshold:
+                found.append(f"{row['task']} {row['metric']}: {run.label} worse by {worse_by:.4g} (> {threshold:g})")
+    return found
+
+
+def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: list[dict] | None, fmt: str) -> str:
+    if fmt == "json":
+        document = {"runs": [{"label": r.label, "results_file": str(r.results_file)} for r in runs], "metrics": rows,
+                    "efficiency": efficiency}
+        if changes is not None:
+            document["sample_changes"] = changes
+        return json.dumps(document, indent=2)
+    headers = ["task", "metric", "hib", runs[0].label]
+    for run in runs[1:]:
+        headers += [run.label, "delta", "rel"]
+    headers.append("stderr")
+    table = []
+    for row in rows:
+        line = [row["task"], row["metric"], {True: "↑", False: "↓"}.get(row["higher_is_better"], "?"), row[runs[0].label]]
+        for run in runs[1:]:
+            rel = row[f"{run.label} rel"]
+            line += [row[run.label], row[f"{run.label} delta"], None if rel is None else f"{rel:+.1%}"]
+        stderrs = [row[f"{run.label} stderr"] for run in runs]
+        line.append(" / ".join("-" if s is None else f"{s:.4g}" for s in stderrs))
+        table.append(line)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(headers)
+        writer.writerows([["" if v is None else v for v in line] for line in table])
+        return buffer.getvalue()
+    style = "github" if fmt == "markdown" else "simple"
+    parts = [tabulate(table, headers=headers, tablefmt=style, floatfmt=".4g", missingval="N/A")]
+    if efficiency:
+        labels = [run.label for run in runs]
+        parts.append(tabulate([[e["figure"], *[e.get(label) for label in labels]] for e in efficiency],
+                              headers=["efficiency", *labels], tablefmt=style, floatfmt=".4g", missingval="N/A"))
+    missing = [f"{row['task']} {row['metric']}" for row in rows if row["present_in"] < len(runs)]
+    if missing:
+        parts.append("Only in some runs: " + ", ".join(missing))
+    for change in changes or []:
+        lines = [f"{change['task']}: {change['changed']} of {change['compared']} answers changed ({change['candidate']})"]
+        lines += [f"  doc {doc}: {old} -> {new}" for doc, old, new in change["examples"]]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vtw-diff", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="results files or output directories; the first is the baseline")
+    parser.add_argument("--labels", help="comma-separated labels, one per path")
+    parser.add_argument("--format", default="table", choices=FORMATS)
+    parser.add_argument("--fail-on-drop", type=float, metavar="X",
+                        help="exit 1 when a metric gets worse than the baseline by more than X (metric units)")
+    parser.add_argument("--samples", action="store_true", help="compare --log_samples answers doc by doc")
+    args = parser.parse_args(argv)
+    if len(args.paths) < 2:
+        parser.error("give a baseline and at least one candidate")
+    labels = args.labels.split(",") if args.labels else [None] * len(args.paths)
+    if len(labels) != len(args.paths):
+        parser.error(f"--labels has {len(labels)} labels for {len(args.paths)} paths")
+    try:
+        runs = [load_run(path, label) for path, label in zip(args.paths, labels)]
+        seen = set()
+        for index, run in enumerate(runs):  # labels are column names: keep them distinct
+            if run.label in seen:
+                run.label = f"{run.label} #{index + 1}"
+            seen.add(run.label)
+        rows = metric_rows(runs)
+        changes = sample_changes(runs) if args.samples else None
+    except ValueError as error:
+        print(f"vtw-diff: {error}", file=sys.stderr)
+        return 2
+    print(render(runs, rows, efficiency_rows(runs), changes, args.format))
+    if args.fail_on_drop is not None:
+        found = drops(rows, runs, args.fail_on_drop)
+        for line in found:
+            print(f"DROP {line}", file=sys.stderr)
+        return 1 if found else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

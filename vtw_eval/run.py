@@ -1,0 +1,47 @@
+"""Run the lmms-eval CLI as a subprocess and return the results file it wrote.
+
+lmms-eval 0.7.3 exits 0 when an evaluation fails unless ``--verbosity DEBUG`` is given, so this
+always passes it, and also checks that a new ``*_results.json`` appeared.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def newest_results_file(output_path: str | Path) -> Path | None:
+    files = sorted(Path(output_path).glob("*/*_results.json"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def run_lmms_eval(
+    model: str,
+    model_args: str,
+    tasks: str,
+    output_path: str | Path,
+    *extra_args: str,
+    include_path: str | Path = REPO_ROOT / "tasks",
+    log_file: str | Path | None = None,
+) -> Path:
+    """Evaluate ``tasks`` with ``model`` from the repository root; raise if no results were written."""
+    before = newest_results_file(output_path)
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks,
+        "--include_path", str(include_path), "--output_path", str(output_path), "--verbosity", "DEBUG",
+        *extra_args,
+    ]
+    Path(output_path).mkdir(parents=True, exist_ok=True)
+    log_file = Path(log_file or Path(output_path) / "lmms_eval.log")
+    with open(log_file, "a") as log:
+        completed = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    after = newest_results_file(output_path)
+    if completed.returncode != 0 or after is None or after == before:
+        raise RuntimeError(
+            f"lmms-eval failed (exit {completed.returncode}, no new results in {output_path}); "
+            f"see {log_file}\ncommand: {' '.join(command)}"
+        )
+    return after
