@@ -26,8 +26,11 @@ def doc_to_visual(doc):
     return doc["images"]
 
 
-def backend(path, withdraw_layer, batch_size=1):
-    lm = VTWLlava(pretrained=str(path), withdraw_layer=withdraw_layer, device="cpu", batch_size=batch_size)
+def backend(path, withdraw_layer, batch_size=1, accounting_file=None):
+    lm = VTWLlava(
+        pretrained=str(path), withdraw_layer=withdraw_layer, device="cpu", batch_size=batch_size,
+        accounting_file=accounting_file or f"{path}/accounting.jsonl",
+    )
     lm.task_dict = {"tiny": {"test": docs()}}
     return lm
 

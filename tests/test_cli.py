@@ -36,7 +36,7 @@ def engine_answers(path, processor, withdraw_layer) -> list[str]:
 def test_cli_run_answers_equal_the_engine(tiny_llava_path, processor, tmp_path, withdraw_layer):
     results_file = run_lmms_eval(
         "vtw_llava",
-        f"pretrained={tiny_llava_path},withdraw_layer={withdraw_layer},device=cpu",
+        f"pretrained={tiny_llava_path},withdraw_layer={withdraw_layer},device=cpu,accounting_file={tmp_path}/a.jsonl",
         "vtw_tiny_mme",
         tmp_path,
         "--batch_size", "3",

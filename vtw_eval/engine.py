@@ -142,6 +142,48 @@ class VisualTokenWithdrawal:
             handle.remove()
         self._handles = []
 
+    def forward_from_layer(
+        self,
+        layer: int,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final-norm hidden states when visual tokens are withdrawn before ``layer``, given the
+        full-sequence input of that layer: runs only layers ``layer..L-1``, without a KV cache.
+
+        Calibration uses it to try every K from one full forward. The rows are those of the
+        withdrawn sequence (kept positions only, see ``self.plan``) unless nothing was withdrawn.
+        """
+        saved = self._withdraw_layer
+        self.withdraw_layer = layer
+        try:
+            self._layer_masks = {}
+            self._start_batch(input_ids, attention_mask)
+            position_embeddings = self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
+            for decoder_layer in self.language_model.layers[layer:]:
+                hidden_states = decoder_layer(
+                    hidden_states,
+                    attention_mask=None,  # the hooks give withdrawn layers their mask
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=None,
+                    use_cache=False,
+                )
+            return self.language_model.norm(hidden_states)
+        finally:
+            self._withdraw_layer = saved
+
+    def _start_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        self.plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
+        self._prefill = True
+        self._seen_tokens = input_ids.shape[1]
+        if not self.plan.visual_mask.any():
+            self.plan = None  # a text-only batch runs as the unmodified model
+        else:
+            self._reduced_2d_mask = self.plan.kept_attention_mask
+
     # -- the model-level hook: plan at prefill, extend the mask at decoding steps ---------------
 
     def _before_model_call(self, module, args, kwargs):
@@ -156,16 +198,11 @@ class VisualTokenWithdrawal:
         cache = kwargs.get("past_key_values")
         new_tokens = input_ids.shape[1]
 
-        self._prefill = cache is None or cache.get_seq_length() == 0  # or a forward without cache
-        if self._prefill:
-            self.plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
-            self._seen_tokens = new_tokens
-            if not self.plan.visual_mask.any():
-                self.plan = None  # a text-only batch runs as the unmodified model
-                return None
-            self._reduced_2d_mask = self.plan.kept_attention_mask
+        if cache is None or cache.get_seq_length() == 0:  # prefill, or a forward without cache
+            self._start_batch(input_ids, attention_mask)
             return None
 
+        self._prefill = False
         if self.plan is None:  # decoding a text-only batch: nothing to do
             self._seen_tokens += new_tokens
             return None

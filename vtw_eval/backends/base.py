@@ -6,6 +6,10 @@ request's context and visuals become a prompt; the withdrawal itself is ``vtw_ev
 
 from __future__ import annotations
 
+import datetime
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,19 +17,70 @@ from accelerate import Accelerator
 from lmms_eval import utils
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor
 
+from vtw_eval.calibration import (
+    DEFAULT_KL_THRESHOLD,
+    config_hash,
+    layer_kl_divergences,
+    load_calibration,
+    model_file_stem,
+    write_atomically,
+)
+from vtw_eval.cost import DecoderGeometry, request_figures
 from vtw_eval.engine import VisualTokenWithdrawal
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-def parse_withdraw_layer(value: Any, num_layers: int) -> int | None:
-    """``withdraw_layer`` as given on the command line: an integer 0..L, or none."""
-    accepted = f"an integer from 0 to {num_layers} (the decoder's layer count), or 'none'"
+class CallTimer:
+    """Times a model's forward calls during one ``generate``: the first is the prefill."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self.decode_calls = 0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _before(self, module, args, kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, kwargs, output):
+        self._sync()
+        elapsed = time.perf_counter() - self._start
+        if self._calls == 0:
+            self.prefill_seconds += elapsed
+        else:
+            self.decode_seconds += elapsed
+            self.decode_calls += 1
+        self._calls += 1
+
+    def __enter__(self) -> "CallTimer":
+        self._calls = 0
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def parse_withdraw_layer(value: Any, num_layers: int) -> int | None | str:
+    """``withdraw_layer`` as given on the command line: an integer 0..L, none, or auto."""
+    accepted = f"an integer from 0 to {num_layers} (the decoder's layer count), 'none' or 'auto'"
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
         return None
     if isinstance(value, bool):
@@ -58,6 +113,10 @@ class VTWBackend(lmms):
         device_map: str | None = None,
         chat_template: str | None = None,
         use_cache: bool = True,
+        calibration: str | None = None,
+        calibration_dir: str = "results/calibration",
+        kl_threshold: float = DEFAULT_KL_THRESHOLD,
+        accounting_file: str | None = None,
         max_batch_size: int | None = None,
         **kwargs,
     ) -> None:
@@ -103,7 +162,25 @@ class VTWBackend(lmms):
         self.pretrained = pretrained
 
         self.withdrawal = VisualTokenWithdrawal(self._model, withdraw_layer=None)
-        self.withdrawal.withdraw_layer = parse_withdraw_layer(withdraw_layer, self.withdrawal.num_layers)
+        self.config_hash = config_hash(self._model.config)
+        self.kl_threshold = float(kl_threshold)
+        if not self.kl_threshold >= 0:
+            raise ValueError(f"kl_threshold={kl_threshold!r} is not accepted; use a number >= 0")
+        # Where `withdraw_layer=auto` reads the chosen K and where a vtw_calibration run writes it.
+        default_file = Path(calibration_dir) / f"{model_file_stem(pretrained)}.json"
+        self.calibration_file = Path(calibration or default_file).resolve()
+        layer = parse_withdraw_layer(withdraw_layer, self.withdrawal.num_layers)
+        if layer == "auto":
+            record = load_calibration(self.calibration_file, pretrained, self.config_hash)
+            layer = record["withdraw_layer"]
+            logger.info(f"withdraw_layer=auto: K={layer} from {self.calibration_file}")
+        self.withdrawal.withdraw_layer = layer
+
+        self.geometry = DecoderGeometry.from_config(self._model.config)
+        self.kv_dtype_bytes = torch.finfo(self._model.dtype).bits // 8
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        default_accounting = Path("results/accounting") / f"{model_file_stem(pretrained)}_{stamp}_rank{self._rank}.jsonl"
+        self.accounting_file = Path(accounting_file or default_accounting).resolve()
         logger.info(
             f"{type(self).__name__}: {pretrained} on {self._device}, {self.withdrawal.num_layers} decoder layers, "
             f"withdraw_layer={self.withdrawal.withdraw_layer}"
@@ -158,7 +235,7 @@ class VTWBackend(lmms):
         collator = utils.Collator(
             [request.args for request in requests], lambda args: (-len(args[0]), args[0]), grouping=True
         )
-        results = []
+        results, records, timers = [], [], []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="VTW generate")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_gen_kwargs = [args[0] for args in chunk], chunk[0][1]
@@ -167,37 +244,112 @@ class VTWBackend(lmms):
                 visuals = [self._visuals(args) for args in chunk]
                 prompts = [self.build_prompt(c, len(v)) for c, v in zip(contexts, visuals)]
                 inputs = self._encode(prompts, [image for row in visuals for image in row])
-                texts = self._generate(inputs, dict(all_gen_kwargs))
+                if all_gen_kwargs.get("vtw_calibration"):
+                    texts = self._calibrate(inputs, [args[4] for args in chunk])
+                else:
+                    texts, batch_records, timer = self._generate(inputs, dict(all_gen_kwargs))
+                    records += [{"task": task, "doc_id": doc, **r} for (task, doc), r in zip(doc_ids, batch_records)]
+                    timers.append(timer)
             except Exception as error:
                 raise RuntimeError(f"VTW generation failed for (task, doc_id) {doc_ids}: {error}") from error
-            for context, gen_kwargs, text in zip(contexts, [all_gen_kwargs] * len(chunk), texts):
+            for context, text in zip(contexts, texts):
                 results.append(text)
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                self.cache_hook.add_partial("generate_until", (context, all_gen_kwargs), text)
             progress.update(len(chunk))
         progress.close()
+        if records:
+            self._report(records, timers)
         return collator.get_original(results)
 
-    def _generate(self, inputs: dict[str, torch.Tensor], gen_kwargs: dict) -> list[str]:
+    def _generate(self, inputs: dict[str, torch.Tensor], gen_kwargs: dict) -> tuple[list[str], list[dict], "CallTimer"]:
+        """Answers of one batch, each request's cost figures (vtw_eval.cost) and the batch's timings."""
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(gen_kwargs.pop("temperature", 0) or 0)
         do_sample = bool(gen_kwargs.pop("do_sample", False)) or temperature > 0
-        output = self._model.generate(
-            **inputs,
-            max_new_tokens=int(gen_kwargs.pop("max_new_tokens", 1024)),
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=gen_kwargs.pop("top_p", None) if do_sample else None,
-            num_beams=int(gen_kwargs.pop("num_beams", 1)),
-            use_cache=self.use_cache,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
-            eos_token_id=self.eot_token_id,
-        )
+        pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        with CallTimer(self._model) as timer:
+            output = self._model.generate(
+                **inputs,
+                max_new_tokens=int(gen_kwargs.pop("max_new_tokens", 1024)),
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=gen_kwargs.pop("top_p", None) if do_sample else None,
+                num_beams=int(gen_kwargs.pop("num_beams", 1)),
+                use_cache=self.use_cache,
+                pad_token_id=pad_token_id,
+                eos_token_id=self.eot_token_id,
+            )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for stop in until:  # lmms-eval's stop sequences: cut each answer at the first one
             texts = [text.split(stop)[0] if stop else text for text in texts]
-        return [text.strip() for text in texts]
+
+        # Per request: its own prompt tokens (no padding) and generated tokens (up to its EOS).
+        prompt_tokens = inputs["attention_mask"].sum(1) if "attention_mask" in inputs else None
+        visual = torch.isin(inputs["input_ids"], torch.tensor(self.withdrawal.visual_token_ids, device=self._device))
+        finished = (new_tokens == self.eot_token_id).int().cumsum(1)
+        generated = ((finished == 0) | ((finished == 1) & (new_tokens == self.eot_token_id))).sum(1)
+        records = []
+        for row in range(new_tokens.shape[0]):
+            n = int(prompt_tokens[row]) if prompt_tokens is not None else inputs["input_ids"].shape[1]
+            figures = request_figures(
+                self.geometry, n, int(visual[row].sum()), int(generated[row]), self.withdrawal.withdraw_layer,
+                self.kv_dtype_bytes,
+            )
+            records.append(
+                {**figures, "batch_size": new_tokens.shape[0], "batch_prefill_seconds": timer.prefill_seconds,
+                 "batch_decode_seconds": timer.decode_seconds, "batch_decode_steps": timer.decode_calls}
+            )
+        return [text.strip() for text in texts], records, timer
+
+    def _report(self, records: list[dict], timers: list["CallTimer"]) -> None:
+        """Aggregates into lmms-eval's results (``throughput``); every request into a JSON Lines file."""
+
+        def mean(key: str) -> float:
+            return sum(r[key] for r in records) / len(records)
+
+        total_seconds = sum(t.prefill_seconds + t.decode_seconds for t in timers)
+        total_generated = sum(r["generated_tokens"] for r in records)
+        decode_steps = sum(t.decode_calls for t in timers)
+        log_metrics(
+            total_elapsed_time=total_seconds,
+            total_gen_tokens=total_generated,
+            avg_speed=total_generated / total_seconds if total_seconds > 0 else 0.0,
+            additional_metrics={
+                "withdraw_layer": mean("withdraw_layer"),
+                "visual_tokens": mean("visual_tokens"),
+                "kept_tokens": mean("kept_tokens"),
+                "prefill_tflops_baseline": mean("prefill_flops_baseline") / 1e12,
+                "prefill_tflops_vtw": mean("prefill_flops_vtw") / 1e12,
+                "prefill_flops_saved": mean("prefill_flops_saved"),
+                "kv_cache_mb_baseline": mean("kv_cache_bytes_baseline") / 2**20,
+                "kv_cache_mb_vtw": mean("kv_cache_bytes_vtw") / 2**20,
+                "kv_cache_saved": mean("kv_cache_saved"),
+                "prefill_seconds_per_batch": sum(t.prefill_seconds for t in timers) / len(timers),
+                "decode_seconds_per_step": sum(t.decode_seconds for t in timers) / decode_steps if decode_steps else 0.0,
+            },
+        )
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        write_atomically(self.accounting_file, lines.encode())
+        logger.info(f"VTW per-request figures: {self.accounting_file}")
+
+    def _calibrate(self, inputs: dict[str, torch.Tensor], tasks: list[str]) -> list[str]:
+        """A vtw_calibration request's answer: this prompt's KL per candidate layer, as JSON."""
+        kl = layer_kl_divergences(self.withdrawal, inputs)
+        return [
+            json.dumps(
+                {
+                    "subset": task,
+                    "kl": row.tolist(),
+                    "model": self.pretrained,
+                    "config_hash": self.config_hash,
+                    "kl_threshold": self.kl_threshold,
+                    "calibration_file": str(self.calibration_file),
+                }
+            )
+            for task, row in zip(tasks, kl)
+        ]
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

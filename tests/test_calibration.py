@@ -1,0 +1,122 @@
+"""Calibration: per-layer KL from one pass against brute force, the choice of K, the file, auto."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import NUM_LAYERS, encode, load_model
+from reference import reference_vtw_logits
+
+from vtw_eval.backends.llava import VTWLlava
+from vtw_eval.calibration import (
+    choose_withdraw_layer,
+    config_hash,
+    layer_kl_divergences,
+    load_calibration,
+    summarise,
+    write_calibration,
+)
+from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.run import run_lmms_eval
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """KL(p || q) from log-probabilities, written out."""
+    return float((log_p.exp() * (log_p - log_q)).sum().detach())
+
+
+def test_one_pass_kl_equals_brute_force_reference(tiny_llava_path, processor):
+    model = load_model(tiny_llava_path)
+    inputs = encode(processor, [("Is there a red square ?", 2)])
+    kl_one_pass = layer_kl_divergences(VisualTokenWithdrawal(model, withdraw_layer=None), inputs)[0]
+    log_p_full = torch.log_softmax(model(**inputs).logits[0, -1], -1)
+    assert kl_one_pass[NUM_LAYERS] == 0.0
+    for layer in range(NUM_LAYERS):  # a separate, naive withdrawal forward per layer
+        logits, _ = reference_vtw_logits(model, inputs, layer)
+        expected = kl(torch.log_softmax(logits[0, -1], -1), log_p_full)
+        assert kl_one_pass[layer].item() == pytest.approx(expected, abs=1e-5)
+        assert expected > 1e-6  # withdrawal changes the distribution: the comparison has teeth
+
+
+def test_batched_kl_equals_one_prompt_at_a_time(tiny_llava_path, processor):
+    """Left padding and rows with 0, 1 and 2 images: each row's KL as if it were alone."""
+    model = load_model(tiny_llava_path)
+    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=None)
+    rows = [("Is there a red square ?", 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
+    batch = layer_kl_divergences(withdrawal, encode(processor, rows))
+    for index, row in enumerate(rows):
+        single = layer_kl_divergences(withdrawal, encode(processor, [row], seed=index))
+        torch.testing.assert_close(batch[index], single[0], atol=1e-5, rtol=0)
+    assert batch[2].abs().max() < 1e-6  # a text-only prompt loses nothing (up to float rounding)
+
+
+def test_choose_withdraw_layer():
+    mean_kl = [0.5, 0.01, 0.002, 0.004, 0.001, 0.0]
+    assert choose_withdraw_layer(mean_kl, 0.003) == (2, True)  # the first, not the last, under it
+    assert choose_withdraw_layer(mean_kl, 0.5) == (0, True)
+    assert choose_withdraw_layer(mean_kl, 0.0005) == (5, False)
+
+
+def test_summary_weights_subsets_by_size_and_says_when_no_layer_met_it():
+    identity = {"model": "m", "config_hash": "h", "kl_threshold": 1e-9}
+    record = summarise(
+        {"a": {"num_samples": 3, "mean_kl": [0.4, 0.1, 0.0]}, "b": {"num_samples": 1, "mean_kl": [0.0, 0.5, 0.0]}},
+        identity,
+    )
+    assert record["mean_kl"] == pytest.approx([0.3, 0.2, 0.0])  # (3*0.4 + 1*0.0) / 4, (3*0.1 + 0.5) / 4
+    assert record["num_samples"] == 4
+    assert (record["withdraw_layer"], record["threshold_met"]) == (2, False)
+    assert "No layer before 2 met" in record["message"]
+
+
+def test_calibration_file_round_trip_and_errors(tmp_path, tiny_llava_path):
+    model = load_model(tiny_llava_path)
+    good_hash = config_hash(model.config)
+    record = summarise({"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}},
+                       {"model": "tiny", "config_hash": good_hash, "kl_threshold": 0.003})
+    json_path, plot_path = write_calibration(record, tmp_path / "tiny.json")
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_calibration(json_path, "tiny", good_hash)["withdraw_layer"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.png"]  # no temporary left
+
+    with pytest.raises(ValueError, match=r"no calibration file .*missing.json; create it with: lmms-eval"):
+        load_calibration(tmp_path / "missing.json", "tiny", good_hash)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(json_path.read_text()[:40])
+    with pytest.raises(ValueError, match=r"truncated.json is unreadable"):
+        load_calibration(truncated, "tiny", good_hash)
+    with pytest.raises(ValueError, match=r"is for model 'tiny' \(config .*\), not 'other'"):
+        load_calibration(json_path, "other", good_hash)
+    with pytest.raises(ValueError, match=r"not 'tiny' \(config 0000\)"):
+        load_calibration(json_path, "tiny", "0000")
+
+
+def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
+    calibration_dir = tmp_path / "calibration"
+    common = f"pretrained={tiny_llava_path},device=cpu,calibration_dir={calibration_dir}"
+    results_file = run_lmms_eval(
+        "vtw_llava", common + f",accounting_file={tmp_path}/a.jsonl", "vtw_calibration_tiny", tmp_path / "calibrate",
+        "--batch_size", "4",
+    )
+    record = json.loads(results_file.read_text())["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
+    files = sorted(p.name for p in calibration_dir.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".png")
+    on_disk = json.loads((calibration_dir / files[0]).read_text())
+    assert on_disk["mean_kl"] == record["mean_kl"] and on_disk["withdraw_layer"] == record["withdraw_layer"]
+    assert record["num_samples"] == 16 and len(record["mean_kl"]) == NUM_LAYERS + 1
+    assert record["per_subset"]["vtw_calibration_tiny_mme"]["num_samples"] == 16
+    assert record["config_hash"] == config_hash(load_model(tiny_llava_path).config)
+    assert (record["withdraw_layer"], True) == choose_withdraw_layer(record["mean_kl"], 0.003)
+
+    results_file = run_lmms_eval(
+        "vtw_llava", common + f",withdraw_layer=auto,accounting_file={tmp_path}/b.jsonl", "vtw_tiny_mme",
+        tmp_path / "auto",
+    )
+    assert json.loads(results_file.read_text())["throughput"]["avg_withdraw_layer"] == record["withdraw_layer"]
+
+
+def test_auto_without_a_calibration_file_is_refused(tiny_llava_path, tmp_path):
+    with pytest.raises(ValueError, match="withdraw_layer=auto: no calibration file"):
+        VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", device="cpu", calibration_dir=str(tmp_path))

@@ -1,0 +1,112 @@
+"""The cost model against hand-computed values, and the backend's figures against the real cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import NUM_LAYERS
+from test_backend import backend, generation_requests
+from transformers import LlavaConfig, Qwen2Config
+
+from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
+
+LLAVA_7B = DecoderGeometry(num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128)
+
+
+def test_llava_7b_prefill_by_hand():
+    # One layer over n tokens: 8*n*d^2 (q, k, v, o) + 6*n*d*m (gated MLP) + 4*n^2*d (attention).
+    def layer(n):
+        return 8 * n * 4096**2 + 6 * n * 4096 * 11008 + 4 * n * n * 4096
+
+    assert LLAVA_7B.prefill_flops(651, 576, None) == 32 * layer(651)
+    assert LLAVA_7B.prefill_flops(651, 576, 16) == 16 * layer(651) + 16 * layer(75)
+    assert LLAVA_7B.prefill_flops(651, 576, 0) == 32 * layer(75)
+    assert LLAVA_7B.prefill_flops(651, 576, 32) == 32 * layer(651)
+    assert LLAVA_7B.prefill_flops(651, 576, None) / 1e12 == pytest.approx(8.65, abs=0.005)  # NOTES.md
+    assert LLAVA_7B.prefill_flops(651, 576, 16) / 1e12 == pytest.approx(4.81, abs=0.005)
+    assert analytic_prefill_speedup(LLAVA_7B, 651, 576, 16) == pytest.approx(layer(651) * 2 / (layer(651) + layer(75)))
+
+
+def test_llava_7b_decode_and_kv_cache_by_hand():
+    # A decode step after 700 tokens: every layer's linear maps for 1 token, attention over its keys.
+    linear = 8 * 4096**2 + 6 * 4096 * 11008
+    assert LLAVA_7B.decode_step_flops(700, 576, None) == 32 * linear + 32 * 4 * 4096 * 701
+    assert LLAVA_7B.decode_step_flops(700, 576, 16) == 32 * linear + 16 * 4 * 4096 * 701 + 16 * 4 * 4096 * 125
+    # fp16 cache, keys and values: 2 * 4096 values * 2 bytes per token and layer.
+    assert LLAVA_7B.kv_cache_bytes(700, 576, None, 2) == 32 * 700 * 2 * 4096 * 2
+    assert LLAVA_7B.kv_cache_bytes(700, 576, 16, 2) == (16 * 700 + 16 * 124) * 2 * 4096 * 2
+
+
+def test_grouped_query_config_by_hand():
+    config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2)
+    geometry = DecoderGeometry.from_config(config)
+    assert (geometry.num_heads, geometry.num_kv_heads, geometry.head_dim) == (12, 2, 128)
+    # q and o: 1536x1536 each; k and v: 1536x256 each; MLP: 3 x 1536x8960; 2 FLOPs per multiply-add.
+    per_token = 2 * (2 * 1536 * 1536 + 2 * 1536 * 256 + 3 * 1536 * 8960)
+    per_pair = 2 * 2 * 1536
+    n, visual = 1200, 1000
+    expected = 10 * (n * per_token + n * n * per_pair) + 18 * ((n - visual) * per_token + (n - visual) ** 2 * per_pair)
+    assert geometry.prefill_flops(n, visual, 10) == expected
+    assert geometry.kv_cache_bytes(n, visual, 10, 2) == (10 * n + 18 * (n - visual)) * 2 * 256 * 2
+
+
+def test_geometry_from_a_multimodal_config():
+    config = LlavaConfig(text_config={"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                                      "num_hidden_layers": 32, "num_attention_heads": 32})
+    assert DecoderGeometry.from_config(config) == LLAVA_7B
+
+
+def test_out_of_range_layer_is_refused():
+    with pytest.raises(ValueError, match="withdraw_layer must be in 0..32"):
+        LLAVA_7B.prefill_flops(651, 576, 33)
+
+
+def cache_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+
+
+@pytest.mark.parametrize("withdraw_layer", [1, "none"])
+def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdraw_layer):
+    accounting_file = tmp_path / "requests.jsonl"
+    lm = backend(tiny_llava_path, withdraw_layer, batch_size=1, accounting_file=str(accounting_file))
+    caches = []
+    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(kw["past_key_values"]), with_kwargs=True)
+    request = generation_requests()[3]  # two images
+    lm.generate_until([request])
+    (record,) = [json.loads(line) for line in accounting_file.read_text().splitlines()]
+
+    input_ids = lm.processor(images=request.args[2](lm.task_dict["tiny"]["test"][3]),
+                             text=[lm.build_prompt(request.args[0], 2)], return_tensors="pt")["input_ids"]
+    assert record["prompt_tokens"] == input_ids.shape[1]
+    assert record["visual_tokens"] == int((input_ids == lm.model.config.image_token_id).sum()) == 32
+    layer = NUM_LAYERS if withdraw_layer == "none" else withdraw_layer
+    assert record["withdraw_layer"] == layer
+    assert record["kept_tokens"] == record["prompt_tokens"] - (32 if layer < NUM_LAYERS else 0)
+    assert record["generated_tokens"] == len(caches)  # one forward per generated token
+    key = "kv_cache_bytes_baseline" if withdraw_layer == "none" else "kv_cache_bytes_vtw"
+    assert record[key] == cache_bytes(caches[-1])
+    assert record["prefill_flops_baseline"] == lm.geometry.prefill_flops(record["prompt_tokens"], 32, None)
+    assert record["prefill_flops_vtw"] == lm.geometry.prefill_flops(record["prompt_tokens"], 32, layer)
+    assert record["batch_prefill_seconds"] > 0 and record["batch_decode_steps"] == len(caches) - 1
+
+
+def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
+    from vtw_eval.run import run_lmms_eval
+
+    results_file = run_lmms_eval(
+        "vtw_llava", f"pretrained={tiny_llava_path},withdraw_layer=1,device=cpu,accounting_file={tmp_path}/r.jsonl",
+        "vtw_tiny_mme", tmp_path, "--batch_size", "4",
+    )
+    throughput = json.loads(results_file.read_text())["throughput"]
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(records) == 16
+    assert throughput["avg_withdraw_layer"] == 1
+    assert throughput["avg_visual_tokens"] == 16
+    mean_saved = sum(r["prefill_flops_saved"] for r in records) / 16
+    assert throughput["avg_prefill_flops_saved"] == pytest.approx(mean_saved)
+    assert 0 < mean_saved < 1
+    assert throughput["avg_kv_cache_mb_vtw"] < throughput["avg_kv_cache_mb_baseline"]

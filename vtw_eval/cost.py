@@ -1,0 +1,113 @@
+"""What a LLaMA-style decoder costs, with and without visual tokens withdrawn before layer K.
+
+Conventions (papers count three incompatible ways; this is VTW's own, "true FLOPs"):
+- 2 FLOPs per multiply-add; decoder layers only (no embedding, vision tower, projector or LM
+  head, which VTW does not change);
+- per layer and token: q/k/v/o projections 2*d*(2*q + 2*kv) with q = heads*head_dim and
+  kv = kv_heads*head_dim (grouped-query heads included), gated MLP 2*3*d*m;
+- attention 2*2*q FLOPs per (query, key) pair (scores and weighted values); prefill counts the full
+  n x n matrix, as calflops does for VTW's figures (causal kernels compute about half);
+- for LLaVA-1.5-7B (d=4096, m=11008, 32 layers) and 651 prompt tokens this gives 8.65 TFLOPs,
+  and 4.81 TFLOPs with K=16 (VTW reports 8.48 and 4.68 with calflops).
+KV-cache bytes: keys and values, kv_heads*head_dim each per token and layer, at the cache dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderGeometry:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderGeometry":
+        """From a transformers config: a text config, or a multimodal one holding ``text_config``."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        return cls(
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        )
+
+    def token_flops(self) -> int:
+        """One token through one layer's linear maps (projections and MLP)."""
+        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return 2 * d * (2 * q + 2 * kv) + 2 * 3 * d * self.intermediate_size
+
+    def pair_flops(self) -> int:
+        """One (query, key) pair in one layer's attention."""
+        return 2 * 2 * self.num_heads * self.head_dim
+
+    def _split(self, withdraw_layer: int | None) -> tuple[int, int]:
+        """(layers on the full sequence, layers on the kept tokens)."""
+        k = self.num_layers if withdraw_layer is None else withdraw_layer
+        if not 0 <= k <= self.num_layers:
+            raise ValueError(f"withdraw_layer must be in 0..{self.num_layers} or None, got {withdraw_layer!r}")
+        return k, self.num_layers - k
+
+    def prefill_flops(self, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> int:
+        full_layers, withdrawn_layers = self._split(withdraw_layer)
+        kept = num_tokens - num_visual
+
+        def layer(n: int) -> int:
+            return n * self.token_flops() + n * n * self.pair_flops()
+
+        return full_layers * layer(num_tokens) + withdrawn_layers * layer(kept)
+
+    def decode_step_flops(self, context: int, num_visual: int, withdraw_layer: int | None) -> int:
+        """One new token after ``context`` tokens (prompt plus tokens generated so far)."""
+        full_layers, withdrawn_layers = self._split(withdraw_layer)
+        keys_full, keys_kept = context + 1, context + 1 - num_visual
+        return self.num_layers * self.token_flops() + self.pair_flops() * (
+            full_layers * keys_full + withdrawn_layers * keys_kept
+        )
+
+    def kv_cache_bytes(self, num_tokens: int, num_visual: int, withdraw_layer: int | None, dtype_bytes: int) -> int:
+        """Cache size once ``num_tokens`` (prompt and generated) are cached."""
+        full_layers, withdrawn_layers = self._split(withdraw_layer)
+        per_token_layer = 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+        return per_token_layer * (full_layers * num_tokens + withdrawn_layers * (num_tokens - num_visual))
+
+
+def analytic_prefill_speedup(geometry: DecoderGeometry, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> float:
+    return geometry.prefill_flops(num_tokens, num_visual, None) / geometry.prefill_flops(num_tokens, num_visual, withdraw_layer)
+
+
+def request_figures(
+    geometry: DecoderGeometry, num_tokens: int, num_visual: int, generated: int, withdraw_layer: int | None, dtype_bytes: int
+) -> dict:
+    """One request's token counts, prefill FLOPs and final KV-cache bytes, baseline and VTW.
+
+    ``num_tokens`` is the prompt without padding; the cache ends up holding the prompt and every
+    generated token but the last (which is returned, never fed back).
+    """
+    k = geometry.num_layers if withdraw_layer is None else withdraw_layer
+    cached = num_tokens + max(generated - 1, 0)
+    baseline_flops = geometry.prefill_flops(num_tokens, num_visual, None)
+    vtw_flops = geometry.prefill_flops(num_tokens, num_visual, k)
+    baseline_kv = geometry.kv_cache_bytes(cached, num_visual, None, dtype_bytes)
+    vtw_kv = geometry.kv_cache_bytes(cached, num_visual, k, dtype_bytes)
+    return {
+        "withdraw_layer": k,
+        "prompt_tokens": num_tokens,
+        "visual_tokens": num_visual,
+        "kept_tokens": num_tokens - num_visual if k < geometry.num_layers else num_tokens,
+        "generated_tokens": generated,
+        "prefill_flops_baseline": baseline_flops,
+        "prefill_flops_vtw": vtw_flops,
+        "prefill_flops_saved": 1 - vtw_flops / baseline_flops,
+        "kv_cache_bytes_baseline": baseline_kv,
+        "kv_cache_bytes_vtw": vtw_kv,
+        "kv_cache_saved": 1 - vtw_kv / baseline_kv,
+    }
