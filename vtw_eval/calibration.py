@@ -42,15 +42,10 @@ def layer_kl_divergences(withdrawal: VisualTokenWithdrawal, inputs: dict[str, to
     finally:
         withdrawal.withdraw_layer = saved
     log_p_full = torch.log_softmax(full.logits[:, -1].float(), dim=-1)
-    lm_head = model.get_output_embeddings()
-    kl = torch.zeros(log_p_full.shape[0], withdrawal.num_layers + 1)
-    for layer in range(withdrawal.num_layers):
-        hidden = withdrawal.forward_from_layer(
-            layer, full.hidden_states[layer], inputs["input_ids"], attention_mask, position_ids
-        )
-        log_p_k = torch.log_softmax(lm_head(hidden[:, -1]).float(), dim=-1)
-        kl[:, layer] = (log_p_k.exp() * (log_p_k - log_p_full)).sum(-1).cpu()
-    return kl
+    last = withdrawal.last_hidden_for_every_layer(full.hidden_states, inputs["input_ids"], attention_mask, position_ids)
+    log_p = torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)  # (L, batch, vocab)
+    kl = (log_p.exp() * (log_p - log_p_full)).sum(-1).T  # (batch, L)
+    return torch.cat([kl, torch.zeros(kl.shape[0], 1, device=kl.device)], dim=1).cpu()
 
 
 def choose_withdraw_layer(mean_kl: list[float], threshold: float) -> tuple[int, bool]:

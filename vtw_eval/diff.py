@@ -22,7 +22,12 @@ from pathlib import Path
 from tabulate import tabulate
 
 FORMATS = ("table", "markdown", "csv", "json")
-EFFICIENCY_KEYS = ("withdraw_layer", "prefill_tflops", "prefill_tflops_saved", "kv_cache_mb", "kv_cache_saved")
+# What the vtw backends log per run (``throughput`` section, as ``avg_<key>``); see README.
+EFFICIENCY_KEYS = (
+    "withdraw_layer", "visual_tokens", "kept_tokens", "prefill_tflops_baseline", "prefill_tflops_vtw",
+    "prefill_flops_saved", "kv_cache_mb_baseline", "kv_cache_mb_vtw", "kv_cache_saved",
+    "prefill_seconds_per_batch", "decode_seconds_per_step",
+)
 
 
 @dataclass

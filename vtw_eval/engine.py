@@ -142,38 +142,41 @@ class VisualTokenWithdrawal:
             handle.remove()
         self._handles = []
 
-    def forward_from_layer(
+    def last_hidden_for_every_layer(
         self,
-        layer: int,
-        hidden_states: torch.Tensor,
+        layer_inputs: tuple[torch.Tensor, ...],
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """Final-norm hidden states when visual tokens are withdrawn before ``layer``, given the
-        full-sequence input of that layer: runs only layers ``layer..L-1``, without a KV cache.
+        """For every candidate k in 0..L-1: the final-norm hidden state of the last prompt token
+        with withdrawal before layer k, shape (L, batch, hidden). ``layer_inputs[k]`` is layer k's
+        input on the full sequence, from one unmodified forward (``output_hidden_states``).
 
-        Calibration uses it to try every K from one full forward. The rows are those of the
-        withdrawn sequence (kept positions only, see ``self.plan``) unless nothing was withdrawn.
+        Calibration uses this to try every K from one pass. Each layer j runs once, over the kept
+        tokens of all candidates k <= j stacked along the batch; no KV cache.
         """
-        saved = self._withdraw_layer
-        self.withdraw_layer = layer
-        try:
-            self._layer_masks = {}
-            self._start_batch(input_ids, attention_mask)
-            position_embeddings = self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
-            for decoder_layer in self.language_model.layers[layer:]:
-                hidden_states = decoder_layer(
-                    hidden_states,
-                    attention_mask=None,  # the hooks give withdrawn layers their mask
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    past_key_values=None,
-                    use_cache=False,
-                )
-            return self.language_model.norm(hidden_states)
-        finally:
-            self._withdraw_layer = saved
+        plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
+        self.plan = None  # the layer hooks stay out of the way
+        batch = input_ids.shape[0]
+        cos, sin = self.language_model.rotary_emb(layer_inputs[0], position_ids=position_ids)
+        cos, sin = plan.gather(cos), plan.gather(sin)
+        kept_position_ids = plan.gather(position_ids.expand(batch, -1)[..., None])[..., 0]
+        hidden = None
+        for index, layer in enumerate(self.language_model.layers):
+            candidate = plan.gather(layer_inputs[index])  # withdrawal before this layer joins
+            hidden = candidate if hidden is None else torch.cat([hidden, candidate])
+            copies = index + 1
+            hidden = layer(
+                hidden,
+                attention_mask=self._make_mask(index, hidden, plan.kept_attention_mask.repeat(copies, 1), None),
+                position_embeddings=(cos.repeat(copies, 1, 1), sin.repeat(copies, 1, 1)),
+                position_ids=kept_position_ids.repeat(copies, 1),
+                past_key_values=None,
+                use_cache=False,
+            )
+        last = self.language_model.norm(hidden[:, -1])
+        return last.view(self.num_layers, batch, -1)
 
     def _start_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
@@ -250,21 +253,27 @@ class VisualTokenWithdrawal:
         return args, kwargs
 
     def _mask_for(self, layer_index: int, hidden: torch.Tensor, cache) -> torch.Tensor | None:
-        """The attention mask of a withdrawn layer, in the format its attention implementation wants."""
-        config = self.language_model.config
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None:
-            kind = layer_types[layer_index]
-        else:
-            kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+        """The attention mask of a withdrawn layer, built once per call and mask kind."""
+        kind = self._mask_kind(layer_index)
         if kind not in self._layer_masks:
-            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            # Sized against this layer's cache, which holds the kept tokens only.
-            self._layer_masks[kind] = make_mask(
-                config=config,
-                inputs_embeds=hidden,
-                attention_mask=self._reduced_2d_mask,
-                past_key_values=cache,
-                layer_idx=layer_index if cache is not None else None,
-            )
+            self._layer_masks[kind] = self._make_mask(layer_index, hidden, self._reduced_2d_mask, cache)
         return self._layer_masks[kind]
+
+    def _mask_kind(self, layer_index: int) -> str:
+        config = self.language_model.config
+        if getattr(config, "layer_types", None) is not None:
+            return config.layer_types[layer_index]
+        return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+    def _make_mask(self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache) -> torch.Tensor | None:
+        """A mask in the format the layer's attention implementation wants, by transformers' own
+        functions, sized against this layer's cache (which holds the kept tokens only)."""
+        sliding = self._mask_kind(layer_index) == "sliding_attention"
+        make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+        return make_mask(
+            config=self.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=mask_2d,
+            past_key_values=cache,
+            layer_idx=layer_index if cache is not None else None,
+        )

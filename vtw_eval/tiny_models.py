@@ -154,3 +154,45 @@ def _save(path: str | Path, model, processor) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def random_llava(
+    num_layers: int = 32,
+    hidden_size: int = 1024,
+    intermediate_size: int = 2752,
+    num_heads: int = 8,
+    image_size: int = 336,
+    patch_size: int = 14,
+    vocab_size: int = 1000,
+    seed: int = 0,
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA with a real layer count and visual token count, for benchmarks.
+
+    The defaults keep LLaVA-1.5's 32 layers and 576 visual tokens (336 px, 14 px patches) with the
+    width scaled to fit a CPU; the vision tower is one thin layer, since VTW does not change it.
+    """
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab_size - 1, vision_feature_layer=-1)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def llava_prompt(model: LlavaForConditionalGeneration, text_before: int, text_after: int, batch_size: int = 1, seed: int = 0) -> dict:
+    """Model inputs of a one-image prompt: ``text_before`` tokens, the image, ``text_after`` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = model.config.vision_config
+    num_visual = (vision.image_size // vision.patch_size) ** 2
+    vocab = model.config.text_config.vocab_size - 1  # the last id is the image token
+    text = torch.randint(0, vocab, (batch_size, text_before + text_after), generator=generator)
+    image = torch.full((batch_size, num_visual), model.config.image_token_id)
+    input_ids = torch.cat([text[:, :text_before], image, text[:, text_before:]], dim=1)
+    pixel_values = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,16 @@ class CallTimer:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def require_writable_dir(directory: Path, argument: str) -> None:
+    """Fail before the evaluation, not after it, when a file could not be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{argument}: cannot create directory {directory} ({error})") from None
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"{argument}: directory {directory} is not writable")
 
 
 def parse_withdraw_layer(value: Any, num_layers: int) -> int | None | str:
@@ -181,6 +192,9 @@ class VTWBackend(lmms):
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
         default_accounting = Path("results/accounting") / f"{model_file_stem(pretrained)}_{stamp}_rank{self._rank}.jsonl"
         self.accounting_file = Path(accounting_file or default_accounting).resolve()
+        if self._world_size > 1 and accounting_file:  # one file per process
+            self.accounting_file = self.accounting_file.with_suffix(f".rank{self._rank}{self.accounting_file.suffix}")
+        require_writable_dir(self.accounting_file.parent, "accounting_file")
         logger.info(
             f"{type(self).__name__}: {pretrained} on {self._device}, {self.withdrawal.num_layers} decoder layers, "
             f"withdraw_layer={self.withdrawal.withdraw_layer}"
@@ -336,6 +350,7 @@ class VTWBackend(lmms):
 
     def _calibrate(self, inputs: dict[str, torch.Tensor], tasks: list[str]) -> list[str]:
         """A vtw_calibration request's answer: this prompt's KL per candidate layer, as JSON."""
+        require_writable_dir(self.calibration_file.parent, "calibration_dir")
         kl = layer_kl_divergences(self.withdrawal, inputs)
         return [
             json.dumps(

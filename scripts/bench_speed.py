@@ -1,0 +1,199 @@
+"""What VTW saves, measured side by side with the baseline in one run and set against the
+analytic limit of vtw_eval.cost.
+
+A randomly initialised LLaVA with LLaVA-1.5-7B's layer count and 576 visual tokens plus a
+realistic prompt, width scaled to fit the machine (full width in bf16 on a GPU). Baseline and each
+K are timed interleaved, after a warm-up, several times; medians and spread are printed:
+prefill latency, per-token decode latency, peak memory (GPU only), KV-cache bytes measured from
+the cache against the cost model. Then batch-size-8 vs batch-size-1 generation throughput on a
+small model. Writes JSON and a PNG plot (speedup vs K) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+from vtw_eval.calibration import write_atomically
+from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
+from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.tiny_models import llava_prompt, random_llava
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> dict:
+    """One prefill and ``new_tokens`` greedy decoding steps with the KV cache."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    output = model(**inputs, use_cache=True, logits_to_keep=1)
+    sync(device)
+    prefill = time.perf_counter() - start
+    mask = inputs["attention_mask"]
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = output.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        output = model(input_ids=token, attention_mask=mask, past_key_values=output.past_key_values,
+                       use_cache=True, logits_to_keep=1)
+    sync(device)
+    decode = (time.perf_counter() - start) / new_tokens
+    cache = output.past_key_values
+    kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                   for layer in cache.layers)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"prefill_s": prefill, "decode_s_per_token": decode, "kv_cache_bytes": kv_bytes, "peak_memory_bytes": peak}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+@torch.inference_mode()
+def batch_throughput(batch_size: int, repeats: int, new_tokens: int, device: torch.device) -> float:
+    """Generated tokens per second of batch_size prompts at once over one at a time (same prompts)."""
+    model = random_llava(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, image_size=112).to(device)
+    VisualTokenWithdrawal(model, withdraw_layer=2)
+    inputs = {k: v.to(device) for k, v in llava_prompt(model, 35, 40, batch_size=batch_size).items()}
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(**inputs, **kwargs)  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(**inputs, **kwargs)
+        batched = time.perf_counter() - start
+        start = time.perf_counter()
+        for row in range(batch_size):
+            model.generate(**{k: v[row : row + 1] for k, v in inputs.items()}, **kwargs)
+        one_by_one = time.perf_counter() - start
+        ratios.append(one_by_one / batched)
+    return statistics.median(ratios)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    rows = sorted(rows, key=lambda row: row["withdraw_layer"])
+    layers = [row["withdraw_layer"] for row in rows]
+    axes.plot(layers, [row["analytic_prefill_speedup"] for row in rows], "o-", label="analytic (FLOPs)")
+    axes.plot(layers, [row["measured_prefill_speedup"] for row in rows], "s--", label="measured prefill")
+    axes.plot(layers, [row["measured_decode_speedup"] for row in rows], "^:", label="measured decode step")
+    axes.set_xlabel("withdrawal layer K")
+    axes.set_ylabel("speedup over baseline")
+    axes.set_yscale("log")
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_atomically(path, buffer.getvalue())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096 if gpu else 1024)
+    parser.add_argument("--intermediate", type=int, default=11008 if gpu else 2752)
+    parser.add_argument("--heads", type=int, default=32 if gpu else 8)
+    parser.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--withdraw-layers", default="0,8,16,24", help="comma-separated K values")
+    parser.add_argument("--text-before", type=int, default=35, help="system prompt tokens before the image")
+    parser.add_argument("--text-after", type=int, default=40, help="question tokens after the image")
+    parser.add_argument("--new-tokens", type=int, default=8, help="decoding steps timed per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = getattr(torch, args.dtype)
+
+    model = random_llava(args.layers, args.hidden, args.intermediate, args.heads).to(device, dtype)
+    inputs = {k: v.to(device) for k, v in llava_prompt(model, args.text_before, args.text_after).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=None)
+    geometry = DecoderGeometry.from_config(model.config)
+    num_tokens = inputs["input_ids"].shape[1]
+    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    configs = [None] + [int(k) for k in args.withdraw_layers.split(",")]
+
+    withdrawal.withdraw_layer = None
+    measure(model, inputs, 2, device)  # warm-up
+    runs = {k: [] for k in configs}
+    for _ in tqdm(range(args.repeats), desc="interleaved repeats"):
+        for k in configs:
+            withdrawal.withdraw_layer = k
+            runs[k].append(measure(model, inputs, args.new_tokens, device))
+
+    def median(k, key):
+        return statistics.median(run[key] for run in runs[k])
+
+    rows, table = [], []
+    cached = num_tokens + args.new_tokens
+    for k in configs:
+        analytic_kv = geometry.kv_cache_bytes(cached, num_visual, k, torch.finfo(dtype).bits // 8)
+        measured_kv = runs[k][0]["kv_cache_bytes"]
+        row = {
+            "withdraw_layer": geometry.num_layers if k is None else k,
+            "prefill_s": [r["prefill_s"] for r in runs[k]],
+            "decode_s_per_token": [r["decode_s_per_token"] for r in runs[k]],
+            "measured_prefill_speedup": median(None, "prefill_s") / median(k, "prefill_s"),
+            "analytic_prefill_speedup": analytic_prefill_speedup(geometry, num_tokens, num_visual, k),
+            "measured_decode_speedup": median(None, "decode_s_per_token") / median(k, "decode_s_per_token"),
+            "analytic_decode_speedup": geometry.decode_step_flops(num_tokens, num_visual, None)
+            / geometry.decode_step_flops(num_tokens, num_visual, k),
+            "kv_cache_bytes_measured": measured_kv,
+            "kv_cache_bytes_analytic": analytic_kv,
+            "peak_memory_bytes": [r["peak_memory_bytes"] for r in runs[k]][0],
+        }
+        row["prefill_speedup_ratio"] = row["measured_prefill_speedup"] / row["analytic_prefill_speedup"]
+        rows.append(row)
+        table.append([
+            "none (baseline)" if k is None else k, spread(row["prefill_s"]), f"{row['measured_prefill_speedup']:.2f}",
+            f"{row['analytic_prefill_speedup']:.2f}", f"{row['prefill_speedup_ratio']:.2f}",
+            spread([1000 * d for d in row["decode_s_per_token"]]), f"{row['measured_decode_speedup']:.2f}",
+            f"{measured_kv / 2**20:.1f}", "yes" if measured_kv == analytic_kv else f"NO ({analytic_kv / 2**20:.1f})",
+            "n/a (CPU)" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**20:.0f}",
+        ])
+    print(f"{device.type}, {args.dtype}; {geometry.num_layers} layers, d={geometry.hidden_size}, "
+          f"m={geometry.intermediate_size}; {num_tokens} prompt tokens ({num_visual} visual), "
+          f"{args.new_tokens} decoding steps; median [min, max] of {args.repeats} interleaved repeats")
+    print(tabulate(table, headers=["K", "prefill s", "speedup", "analytic", "ratio", "decode ms/token",
+                                   "speedup", "KV MiB", "KV = analytic", "peak MiB"]))
+    half = next((row for row in rows if row["withdraw_layer"] == geometry.num_layers // 2), None)
+    if half:
+        verdict = "met" if half["prefill_speedup_ratio"] >= 0.9 else "NOT met"
+        print(f"goal: prefill speedup at K=L/2 >= 0.9 x analytic: {half['prefill_speedup_ratio']:.2f} ({verdict})")
+    throughput = batch_throughput(8, args.repeats, args.new_tokens, device)
+    print(f"goal: batch_size 8 throughput >= 3 x batch_size 1 (small model): {throughput:.2f}x "
+          f"({'met' if throughput >= 3 else 'NOT met'})")
+
+    out = Path(args.out)
+    summary = {"device": device.type, "dtype": args.dtype, "geometry": geometry.__dict__, "prompt_tokens": num_tokens,
+               "visual_tokens": num_visual, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows,
+               "batch8_over_batch1_throughput": throughput}
+    write_atomically(out / "speed.json", (json.dumps(summary, indent=2) + "\n").encode())
+    plot(rows, out / "speed.png")
+    print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""vtw-diff on result files from real lmms-eval runs and on hand-made edge cases."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from vtw_eval.diff import main
+from vtw_eval.run import run_lmms_eval
+
+
+@pytest.fixture(scope="module")
+def real_runs(tiny_llava_path, tmp_path_factory):
+    """Baseline and K=1 runs of the tiny tasks through the lmms-eval CLI, with samples."""
+    out = tmp_path_factory.mktemp("diff_runs")
+    files = {}
+    for name, layer in [("baseline", "none"), ("k1", "1")]:
+        files[name] = run_lmms_eval(
+            "vtw_llava",
+            f"pretrained={tiny_llava_path},withdraw_layer={layer},device=cpu,accounting_file={out}/{name}.jsonl",
+            "vtw_tiny_mme,vtw_tiny_mme_choice", out / name, "--batch_size", "4", "--log_samples",
+        )
+    return files
+
+
+def run_diff(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def results_file(path, results, higher_is_better=None, **extra):
+    """A minimal results JSON in lmms-eval's layout."""
+    data = {"results": results, "higher_is_better": higher_is_better or {}, "config": {"model": "m"}, **extra}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_real_runs_json_deltas_and_samples(real_runs, capsys):
+    code, out, _ = run_diff(capsys, real_runs["baseline"].parent.parent, real_runs["k1"], "--format", "json", "--samples")
+    assert code == 0
+    document = json.loads(out)
+    base = json.loads(real_runs["baseline"].read_text())["results"]
+    cand = json.loads(real_runs["k1"].read_text())["results"]
+    labels = [run["label"] for run in document["runs"]]
+    assert labels == ["vtw_llava K=none", "vtw_llava K=1"]
+    rows = {(row["task"], row["metric"]): row for row in document["metrics"]}
+    for task, metric in [("vtw_tiny_mme", "mme_perception_score"), ("vtw_tiny_mme_choice", "acc")]:
+        row = rows[(task, metric)]
+        expected = cand[task][f"{metric},none"] - base[task][f"{metric},none"]
+        assert row[f"{labels[1]} delta"] == pytest.approx(expected)
+        assert row["higher_is_better"] is True
+    # Changed answers, counted from the samples files by hand.
+    def answers(results_path, task):
+        samples = next(results_path.parent.glob(f"*_samples_{task}.jsonl")).read_text().splitlines()
+        return {json.loads(s)["doc_id"]: json.loads(s)["filtered_resps"] for s in samples}
+
+    before, after = answers(real_runs["baseline"], "vtw_tiny_mme"), answers(real_runs["k1"], "vtw_tiny_mme")
+    change = next(c for c in document["sample_changes"] if c["task"] == "vtw_tiny_mme")
+    assert change["changed"] == sum(before[d] != after[d] for d in before)
+    assert change["compared"] == 16
+    labels_in_table = run_diff(capsys, real_runs["baseline"], real_runs["k1"])[1]
+    assert "vtw_tiny_mme" in labels_in_table and "prefill_flops_saved" in labels_in_table
+
+
+def test_csv_parses_back_and_markdown_renders(real_runs, capsys):
+    code, out, _ = run_diff(capsys, real_runs["baseline"], real_runs["k1"], "--format", "csv", "--labels", "base,vtw")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and {r["task"] for r in rows} == {"vtw_tiny_mme", "vtw_tiny_mme_choice"}
+    assert {"base", "vtw", "delta", "rel"} <= set(rows[0])
+    code, out, _ = run_diff(capsys, real_runs["baseline"], real_runs["k1"], "--format", "markdown")
+    assert out.startswith("| task")
+
+
+def test_fail_on_drop(tmp_path, capsys):
+    hib = {"t": {"acc": True, "loss": False}}
+    base = results_file(tmp_path / "a_results.json", {"t": {"acc,none": 60.0, "loss,none": 1.0}}, hib)
+    worse = results_file(tmp_path / "b_results.json", {"t": {"acc,none": 55.0, "loss,none": 1.2}}, hib)
+    better = results_file(tmp_path / "c_results.json", {"t": {"acc,none": 61.0, "loss,none": 0.5}}, hib)
+    code, _, err = run_diff(capsys, base, worse, "--fail-on-drop", "1")
+    assert code == 1 and "t acc" in err and "worse by 5" in err and "loss" not in err  # loss rose by 0.2 only
+    assert run_diff(capsys, base, worse, "--fail-on-drop", "10")[0] == 0
+    code, _, err = run_diff(capsys, base, worse, "--fail-on-drop", "0.1")
+    assert code == 1 and "t loss" in err  # lower is better: a rise is a drop
+    assert run_diff(capsys, base, better, "--fail-on-drop", "0")[0] == 0
+
+
+def test_missing_metrics_na_and_nan(tmp_path, capsys):
+    base = results_file(tmp_path / "a_results.json", {"t": {"acc,none": 0.5, "acc_stderr,none": "N/A"}, "only_a": {"x,none": 1.0}},
+                        {"t": {"acc": True}}, lmms_eval_version="0.3.0")
+    cand = results_file(tmp_path / "b_results.json", {"t": {"acc,none": float("nan")}, "only_b": {"y,none": 2.0}})
+    code, out, _ = run_diff(capsys, base, cand, "--format", "json")
+    rows = {(r["task"], r["metric"]): r for r in json.loads(out)["metrics"]}
+    assert code == 0 and set(rows) == {("t", "acc"), ("only_a", "x"), ("only_b", "y")}
+    label_b = json.loads(out)["runs"][1]["label"]
+    assert rows[("t", "acc")][label_b] is None and rows[("t", "acc")][f"{label_b} delta"] is None
+    assert rows[("only_b", "y")]["present_in"] == 1
+    code, out, _ = run_diff(capsys, base, cand)
+    assert "Only in some runs: only_a x, only_b y" in out and "N/A" in out
+
+
+@pytest.mark.parametrize("content, message", [("{not json", "not a readable JSON file"), ('{"a": 1}', "not an lmms-eval results file")])
+def test_bad_files_name_the_file(tmp_path, capsys, content, message):
+    good = results_file(tmp_path / "good_results.json", {"t": {"acc,none": 1.0}})
+    bad = tmp_path / "bad_results.json"
+    bad.write_text(content)
+    code, _, err = run_diff(capsys, good, bad)
+    assert code == 2 and str(bad) in err and message in err
+    code, _, err = run_diff(capsys, good, tmp_path / "nowhere")
+    assert code == 2 and "nowhere: no such file or directory" in err
