@@ -26,11 +26,19 @@ def run_lmms_eval(
     *extra_args: str,
     include_path: str | Path = REPO_ROOT / "tasks",
     log_file: str | Path | None = None,
+    processes: int = 1,
 ) -> Path:
-    """Evaluate ``tasks`` with ``model`` from the repository root; raise if no results were written."""
+    """Evaluate ``tasks`` with ``model`` from the repository root; raise if no results were written.
+
+    ``processes`` > 1 launches data-parallel ranks with accelerate (on CPU too).
+    """
     before = newest_results_file(output_path)
+    launcher = []
+    if processes > 1:  # `--cpu --num_processes N` starts one process; this form starts N, CPU or GPU
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command = [
-        sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks,
+        sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks,
         "--include_path", str(include_path), "--output_path", str(output_path), "--verbosity", "DEBUG",
         *extra_args,
     ]

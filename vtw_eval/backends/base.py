@@ -140,11 +140,12 @@ class VTWBackend(lmms):
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size={batch_size!r} is not accepted; use a positive integer")
 
+        # Data-parallel runs (accelerate launch, torchrun) set these; lmms-eval stripes docs by them.
         self.accelerator = Accelerator()
-        self._rank = self.accelerator.process_index
-        self._world_size = self.accelerator.num_processes
+        self._rank = int(os.environ.get("RANK", 0))
+        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         if device is None:
-            device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
 
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
@@ -196,7 +197,8 @@ class VTWBackend(lmms):
             self.accounting_file = self.accounting_file.with_suffix(f".rank{self._rank}{self.accounting_file.suffix}")
         require_writable_dir(self.accounting_file.parent, "accounting_file")
         logger.info(
-            f"{type(self).__name__}: {pretrained} on {self._device}, {self.withdrawal.num_layers} decoder layers, "
+            f"{type(self).__name__}: {pretrained} on {self._device} (rank {self._rank} of {self._world_size}), "
+            f"{self.withdrawal.num_layers} decoder layers, "
             f"withdraw_layer={self.withdrawal.withdraw_layer}"
         )
 

@@ -1,0 +1,37 @@
+"""Data-parallel runs with accelerate on CPU: the same numbers as one process."""
+
+from __future__ import annotations
+
+import json
+
+from vtw_eval.run import run_lmms_eval
+
+
+def answers(results_file, task):
+    samples = next(results_file.parent.glob(f"*_samples_{task}.jsonl")).read_text().splitlines()
+    return {json.loads(s)["doc_id"]: json.loads(s)["filtered_resps"] for s in samples}
+
+
+def test_two_processes_equal_one(tiny_llava_path, tmp_path):
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        model_args = (f"pretrained={tiny_llava_path},withdraw_layer=2,device=cpu,"
+                      f"calibration_dir={out}/calibration,accounting_file={out}/requests.jsonl")
+        runs[processes] = run_lmms_eval("vtw_llava", model_args, "vtw_tiny_mme,vtw_calibration_tiny", out,
+                                        "--batch_size", "2", "--log_samples", processes=processes)
+    one, two = (json.loads(runs[p].read_text()) for p in (1, 2))
+    assert one["results"]["vtw_tiny_mme"] == two["results"]["vtw_tiny_mme"]
+    assert answers(runs[1], "vtw_tiny_mme") == answers(runs[2], "vtw_tiny_mme")
+    # Calibration: every rank's per-layer KL reaches the choice of K.
+    record_one = one["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
+    record_two = two["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
+    assert record_two["num_samples"] == record_one["num_samples"] == 16
+    assert record_two["withdraw_layer"] == record_one["withdraw_layer"]
+    for a, b in zip(record_one["mean_kl"], record_two["mean_kl"]):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(a))
+    # One accounting file per process, together covering every request once.
+    files = sorted((tmp_path / "p2").glob("requests.rank*.jsonl"))
+    assert [f.name for f in files] == ["requests.rank0.jsonl", "requests.rank1.jsonl"]
+    docs = [json.loads(line)["doc_id"] for f in files for line in f.read_text().splitlines()]
+    assert sorted(docs) == list(range(16))

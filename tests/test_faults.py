@@ -1,0 +1,103 @@
+"""Bad input and faults: a clear message naming the argument or file, a non-zero exit, no partial output."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from test_backend import backend, generation_requests, request
+
+from vtw_eval.calibration import write_atomically
+from vtw_eval.run import run_lmms_eval
+
+
+@pytest.mark.parametrize("value, shown", [("99", "99"), ("-1", "-1.0"), ("abc", "'abc'"), ("auto", None)])
+def test_cli_bad_withdraw_layer(tiny_llava_path, tmp_path, value, shown):
+    model_args = f"pretrained={tiny_llava_path},withdraw_layer={value},device=cpu,calibration_dir={tmp_path}/none"
+    with pytest.raises(RuntimeError, match="lmms-eval failed"):
+        run_lmms_eval("vtw_llava", model_args, "vtw_tiny_mme", tmp_path)
+    log = (tmp_path / "lmms_eval.log").read_text()
+    if shown is None:  # auto without a calibration file
+        assert f"withdraw_layer=auto: no calibration file {tmp_path}/none/" in log
+    else:  # lmms-eval turns "99" into 99 and "-1" into -1.0 before we see them
+        assert f"withdraw_layer={shown} is not accepted; use an integer from 0 to 4" in log
+    assert not list(tmp_path.glob("*/*_results.json"))
+
+
+def test_cli_auto_with_a_corrupt_calibration_file(tiny_llava_path, tmp_path):
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"withdraw_layer": 2, "num_la')
+    with pytest.raises(RuntimeError, match="lmms-eval failed"):
+        run_lmms_eval("vtw_llava", f"pretrained={tiny_llava_path},withdraw_layer=auto,calibration={corrupt},device=cpu",
+                      "vtw_tiny_mme", tmp_path)
+    assert f"calibration file {corrupt} is unreadable" in (tmp_path / "lmms_eval.log").read_text()
+
+
+def test_undecodable_image_names_the_doc_and_stops(tiny_llava_path):
+    lm = backend(tiny_llava_path, 1)
+
+    def broken_visual(doc):
+        return [Image.open(io.BytesIO(b"not a png"))]
+
+    requests = generation_requests()
+    requests[2] = request("generate_until", (requests[2].args[0], requests[2].args[1], broken_visual, 2, "tiny", "test"))
+    with pytest.raises(RuntimeError, match=r"\('tiny', 2\).*cannot identify image file"):
+        lm.generate_until(requests)
+
+
+def test_image_token_count_mismatch_names_the_doc(tiny_llava_path):
+    lm = backend(tiny_llava_path, 1)
+    args = generation_requests()[0].args
+    mismatched = request("generate_until", ("<image> <image>\n" + args[0], *args[1:]))  # two tokens, one image
+    with pytest.raises(RuntimeError, match=r"\('tiny', 0\).*(image|Image)"):
+        lm.generate_until([mismatched])
+
+
+def test_unwritable_accounting_file_fails_before_evaluating(tiny_llava_path, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"accounting_file: cannot create directory .*a_file/sub"):
+        backend(tiny_llava_path, 1, accounting_file=str(blocker / "sub" / "requests.jsonl"))
+
+
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "calibration.json"
+    target.write_text("old")
+
+    def interrupted_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, b"new")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["calibration.json"]  # the temporary file is cleaned up
+
+
+WRITER = """
+import sys, itertools
+from pathlib import Path
+from vtw_eval.calibration import write_atomically
+target = Path(sys.argv[1])
+print("ready", flush=True)
+for i in itertools.count():
+    write_atomically(target, (str(i % 10) * 4_000_000).encode())
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_writing_never_leaves_a_half_written_file(tmp_path, signal_number):
+    target = tmp_path / "record.json"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # many complete writes, the next one under way
+    writer.send_signal(signal_number)
+    writer.wait(timeout=30)
+    content = target.read_bytes()
+    assert len(content) == 4_000_000 and len(set(content)) == 1  # one whole write, never a mix or a prefix
