@@ -1,13 +1,15 @@
-"""The main job on the embedded default: baseline vs VTW through the lmms-eval CLI, offline.
+"""The main job on the embedded default, offline, through the lmms-eval CLI: calibrate K, then
+evaluate the baseline and VTW at that K, and compare them with vtw-diff.
 
 Until the trained testbed lands, the model is a tiny random LLaVA (built here from configs) and
-the task is the tiny local MME-format task in tasks/vtw_tiny; its scores mean nothing beyond
+the tasks are the tiny local MME-format tasks in tasks/vtw_tiny; their scores mean nothing beyond
 "the whole pipeline runs". Everything is written under results/demo/.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,27 +24,29 @@ from vtw_eval.tiny_models import build_tiny_llava
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo"))
-    parser.add_argument("--withdraw-layer", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     out = Path(args.out)
     model_path = build_tiny_llava(out / "tiny_llava", num_layers=4, seed=0)
 
-    runs = {"baseline": "none", f"vtw_k{args.withdraw_layer}": str(args.withdraw_layer)}
-    results_files = []
-    for name, layer in tqdm(runs.items(), desc="lmms-eval runs"):
-        results_files.append(
-            run_lmms_eval(
-                "vtw_llava",
-                f"pretrained={model_path},withdraw_layer={layer},device=cpu",
-                "vtw_tiny_mme,vtw_tiny_mme_choice",
-                out / name,
-                "--batch_size", "4",
-                "--log_samples",
-            )
+    common = f"pretrained={model_path},device=cpu,calibration_dir={out / 'calibration'}"
+    steps = [  # (name, model args, tasks)
+        ("calibration", common, "vtw_calibration_tiny"),
+        ("baseline", common + ",withdraw_layer=none", "vtw_tiny_mme,vtw_tiny_mme_choice"),
+        ("vtw", common + ",withdraw_layer=auto", "vtw_tiny_mme,vtw_tiny_mme_choice"),
+    ]
+    results_files = {}
+    for name, model_args, tasks in tqdm(steps, desc="lmms-eval runs"):
+        model_args += f",accounting_file={out / name / 'requests.jsonl'}"
+        results_files[name] = run_lmms_eval(
+            "vtw_llava", model_args, tasks, out / name, "--batch_size", "4", "--log_samples"
         )
-    loaded = [load_run(path, label) for path, label in zip(results_files, runs)]
+    record = json.loads(results_files["calibration"].read_text())["results"]["vtw_calibration_tiny"]
+    record = record["vtw_calibration,none"]
+    print(f"calibration: {record['message']} ({record['num_samples']} samples); plot {record['plot']}")
+    runs = {"baseline": results_files["baseline"], f"vtw K={record['withdraw_layer']}": results_files["vtw"]}
+    loaded = [load_run(path, label) for label, path in runs.items()]
     summary = render(loaded, metric_rows(loaded), efficiency_rows(loaded), sample_changes(loaded), "markdown")
     print(summary)
     summary_file = out / "summary.md"
