@@ -14,20 +14,31 @@ import torch
 def reference_vtw_logits(model, inputs: dict, withdraw_layer: int, keep: torch.Tensor | None = None):
     """Logits at the kept positions of a single unpadded prompt, and those positions."""
     language_model = model.model.language_model
+    seen = {}  # the position ids the unmodified model gives its decoder (3 rows for Qwen2-VL)
+    handle = language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     full = model(**inputs, output_hidden_states=True, use_cache=False)
+    handle.remove()
     input_ids = inputs["input_ids"][0]
     if keep is None:
-        keep = input_ids != model.config.image_token_id
+        keep = ~torch.isin(input_ids, torch.tensor(visual_ids(model.config)))
     kept_positions = keep.nonzero()[:, 0]
     if withdraw_layer == len(language_model.layers):
         return full.logits[:, kept_positions], kept_positions
+    position_ids = seen.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(len(input_ids))[None]
+    if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # Qwen2-VL: a text row, then 3 rotary rows
+        position_ids = position_ids[1:]
     hidden = full.hidden_states[withdraw_layer][:, kept_positions]  # input of layer K
-    position_ids = kept_positions[None]
-    position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids)
+    position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids[..., kept_positions])
     n = len(kept_positions)
     causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
     for layer in language_model.layers[withdraw_layer:]:
-        hidden = layer(
-            hidden, attention_mask=causal, position_embeddings=position_embeddings, position_ids=position_ids
-        )
+        hidden = layer(hidden, attention_mask=causal, position_embeddings=position_embeddings)
     return model.lm_head(language_model.norm(hidden)), kept_positions
+
+
+def visual_ids(config) -> list[int]:
+    """Image and video token ids, read off the config by their transformers names."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return [getattr(config, name) for name in names if getattr(config, name, None) is not None]

@@ -80,7 +80,7 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
     (record,) = [json.loads(line) for line in accounting_file.read_text().splitlines()]
 
     input_ids = lm.processor(images=request.args[2](lm.task_dict["tiny"]["test"][3]),
-                             text=[lm.build_prompt(request.args[0], 2)], return_tensors="pt")["input_ids"]
+                             text=[lm.build_prompt(request.args[0], request.args[2](lm.task_dict['tiny']['test'][3]))], return_tensors="pt")["input_ids"]
     assert record["prompt_tokens"] == input_ids.shape[1]
     assert record["visual_tokens"] == int((input_ids == lm.model.config.image_token_id).sum()) == 32
     layer = NUM_LAYERS if withdraw_layer == "none" else withdraw_layer

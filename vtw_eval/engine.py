@@ -209,8 +209,7 @@ class VisualTokenWithdrawal:
         if self.plan is None:  # decoding a text-only batch: nothing to do
             self._seen_tokens += new_tokens
             return None
-        if torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device)).any():
-            raise ValueError("VTW cannot add visual tokens to a prompt that is already cached.")
+        # Tokens after the prompt are text: a generated image-token id carries no visual features.
         if input_ids.shape[0] != self.plan.kept_positions.shape[0]:
             raise ValueError("The decoding batch does not match the batch whose withdrawal was planned.")
         # The kept prompt slots, then every token after the prompt (generated or appended).
@@ -221,9 +220,16 @@ class VisualTokenWithdrawal:
             tail = attention_mask[:, -after_prompt:].to(torch.bool)
         self._reduced_2d_mask = torch.cat([self.plan.kept_attention_mask, tail], dim=1)
         if kwargs.get("position_ids") is None:
-            # The decoder would count positions from its layer-0 cache, which is reduced when K = 0.
-            positions = torch.arange(self._seen_tokens, self._seen_tokens + new_tokens, device=input_ids.device)
-            kwargs = {**kwargs, "position_ids": positions[None].expand(input_ids.shape[0], -1)}
+            # Without explicit positions a decoder counts them from its layer-0 cache, which is
+            # reduced when K = 0. Models with multimodal rotary positions (Qwen2-VL) derive them
+            # from the attention mask instead, so they get a full one; the others get positions.
+            total = self._seen_tokens + new_tokens
+            if hasattr(getattr(self.model, "model", None), "get_rope_index"):
+                if attention_mask is None:
+                    kwargs = {**kwargs, "attention_mask": torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)}
+            else:
+                positions = torch.arange(self._seen_tokens, total, device=input_ids.device)
+                kwargs = {**kwargs, "position_ids": positions[None].expand(input_ids.shape[0], -1)}
         self._seen_tokens += new_tokens
         return args, kwargs
 

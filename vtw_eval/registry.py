@@ -7,5 +7,13 @@ manifest type: importing ``lmms_eval.models`` here, or torch, would break plugin
 from lmms_eval.models.registry_v2 import ModelManifest
 
 
+BACKENDS = {
+    "vtw_llava": "vtw_eval.backends.llava.VTWLlava",
+    "vtw_llava_onevision": "vtw_eval.backends.llava.VTWLlavaOnevision",
+    "vtw_qwen2_vl": "vtw_eval.backends.qwen2_vl.VTWQwen2VL",
+    "vtw_qwen2_5_vl": "vtw_eval.backends.qwen2_vl.VTWQwen2_5VL",
+}
+
+
 def manifests() -> list[ModelManifest]:
-    return [ModelManifest(model_id="vtw_llava", simple_class_path="vtw_eval.backends.llava.VTWLlava")]
+    return [ModelManifest(model_id=name, simple_class_path=path) for name, path in BACKENDS.items()]

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 WORDS = (
     "A chat between a curious user and an artificial intelligence assistant . The assistant gives "
     "helpful , detailed , and polite answers to the user's questions USER ASSISTANT : ? ! \n "
@@ -53,6 +54,18 @@ CHAT_TEMPLATE = (
 )
 
 
+# Qwen2-VL's chat format (one image or video part becomes vision_start, pads, vision_end).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def build_tokenizer(extra_words: list[str] = ()) -> PreTrainedTokenizerFast:
     words = list(dict.fromkeys([*WORDS, *extra_words, *string.ascii_letters, *string.digits, *string.punctuation]))
     words = [w for w in words if w and w not in SPECIAL_TOKENS]
@@ -62,7 +75,7 @@ def build_tokenizer(extra_words: list[str] = ()) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>", *QWEN_SPECIAL_TOKENS]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -196,3 +209,80 @@ def llava_prompt(model: LlavaForConditionalGeneration, text_before: int, text_af
     input_ids = torch.cat([text[:, :text_before], image, text[:, text_before:]], dim=1)
     pixel_values = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+
+
+def build_tiny_llava_onevision(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """A LlavaOnevisionForConditionalGeneration: SigLIP tower, Qwen2 decoder, any-resolution tiles."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    grid = [[32, 32], [32, 64], [64, 32]]
+    text = Qwen2Config(**{**tiny_text_config(len(tokenizer), num_layers).to_dict(), "model_type": "qwen2"})
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-1,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    size = {"height": 32, "width": 32}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=grid),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)
+
+
+def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 4, seed: int = 0) -> Path:
+    """A Qwen2VLForConditionalGeneration (``version="2"``) or Qwen2_5_VL one ("2.5"): multimodal
+    rotary positions (3-row position ids), image and video pad tokens."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+    )
+    if version == "2":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
+    elif version == "2.5":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[0], window_size=56)
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+    else:
+        raise ValueError(f"version={version!r}: use '2' or '2.5'")
+    config_class, model_class, processor_class = (getattr(transformers, name) for name in names)
+    config = config_class(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = model_class(config).eval()
+    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = processor_class(
+        image_processor=transformers.Qwen2VLImageProcessor(**pixels),
+        video_processor=transformers.Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from lmms_eval import utils
@@ -36,6 +37,8 @@ from vtw_eval.cost import DecoderGeometry, request_figures
 from vtw_eval.engine import VisualTokenWithdrawal
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+Visual = Image.Image | np.ndarray  # an image, or a video's frames
 
 
 class CallTimer:
@@ -128,6 +131,7 @@ class VTWBackend(lmms):
         calibration_dir: str = "results/calibration",
         kl_threshold: float = DEFAULT_KL_THRESHOLD,
         accounting_file: str | None = None,
+        max_num_frames: int = 32,
         max_batch_size: int | None = None,
         **kwargs,
     ) -> None:
@@ -171,6 +175,7 @@ class VTWBackend(lmms):
         self.tokenizer.padding_side = "left"  # batched generation continues every row at the right end
         self.chat_template = chat_template
         self.use_cache = use_cache
+        self.max_num_frames = int(max_num_frames)
         self.pretrained = pretrained
 
         self.withdrawal = VisualTokenWithdrawal(self._model, withdraw_layer=None)
@@ -221,24 +226,40 @@ class VTWBackend(lmms):
 
     # -- prompts ---------------------------------------------------------------------------
 
-    def build_prompt(self, context: str, num_images: int) -> str:
-        """The chat-formatted prompt for one request; adapters override for their format."""
+    def build_prompt(self, context: str, visuals: list[Visual]) -> str:
+        """The chat-formatted prompt for one request; adapters define their format."""
         raise NotImplementedError
 
-    def _visuals(self, request_args) -> list[Image.Image]:
+    def _visuals(self, request_args) -> list[Visual]:
+        """A request's images (PIL) and videos (frames as a uint8 array, from a video file path)."""
         doc_to_visual, doc_id, task, split = request_args[2:6]
         doc = self.task_dict[task][split][doc_id]
-        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-        visuals = [v for v in (visuals or []) if v is not None]
-        for visual in visuals:
-            if not isinstance(visual, Image.Image):
+        visuals = []
+        for visual in (doc_to_visual(doc) if doc_to_visual is not None else None) or []:
+            if isinstance(visual, str) and visual.lower().endswith(VIDEO_EXTENSIONS):
+                visual = self._video_frames(visual)
+            elif not isinstance(visual, Image.Image) and visual is not None:
                 raise ValueError(
-                    f"{type(self).__name__} takes images; doc {doc_id} of task {task} gave a {type(visual).__name__}"
+                    f"{type(self).__name__} takes images and video files ({', '.join(VIDEO_EXTENSIONS)}); "
+                    f"doc {doc_id} of task {task} gave a {type(visual).__name__}"
                 )
+            if visual is not None:
+                visuals.append(visual)
         return visuals
 
-    def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
+    def _video_frames(self, path: str) -> np.ndarray:
+        """``max_num_frames`` frames spread evenly over the video, (frames, height, width, 3)."""
+        from decord import VideoReader, cpu
+
+        reader = VideoReader(path, ctx=cpu(0))
+        indices = np.linspace(0, len(reader) - 1, min(self.max_num_frames, len(reader))).round().astype(int)
+        return reader.get_batch(indices.tolist()).asnumpy()
+
+    def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+        images = [v for v in visuals if isinstance(v, Image.Image)]
+        videos = [v for v in visuals if isinstance(v, np.ndarray)]
+        kwargs = {"videos": videos} if videos else {}  # processors without video support refuse the key
+        inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True, **kwargs)
         return {
             key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
             for key, value in inputs.items()
@@ -258,8 +279,8 @@ class VTWBackend(lmms):
             doc_ids = [(args[4], args[3]) for args in chunk]
             try:
                 visuals = [self._visuals(args) for args in chunk]
-                prompts = [self.build_prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-                inputs = self._encode(prompts, [image for row in visuals for image in row])
+                prompts = [self.build_prompt(c, v) for c, v in zip(contexts, visuals)]
+                inputs = self._encode(prompts, [visual for row in visuals for visual in row])
                 if all_gen_kwargs.get("vtw_calibration"):
                     texts = self._calibrate(inputs, [args[4] for args in chunk])
                 else:
@@ -378,10 +399,10 @@ class VTWBackend(lmms):
                 doc_to_visual, doc_id, task, split = request.args[2:6]
                 continuation = continuation(self.task_dict[task][split][doc_id])
             try:
-                images = self._visuals(request.args)
-                prompt = self.build_prompt(context, len(images))
-                context_length = self._encode([prompt], images)["input_ids"].shape[1]
-                inputs = self._encode([prompt + continuation], images)
+                visuals = self._visuals(request.args)
+                prompt = self.build_prompt(context, visuals)
+                context_length = self._encode([prompt], visuals)["input_ids"].shape[1]
+                inputs = self._encode([prompt + continuation], visuals)
                 num_continuation = inputs["input_ids"].shape[1] - context_length
                 if num_continuation < 1:
                     raise ValueError(f"continuation {continuation!r} adds no token to the prompt")

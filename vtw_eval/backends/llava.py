@@ -6,9 +6,14 @@ Prompts are built as lmms-eval's built-in ``llava_hf`` builds them, so a run wit
 
 from __future__ import annotations
 
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from PIL import Image
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 
-from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.base import Visual, VTWBackend
 
 IMAGE_TOKEN = "<image>"
 # The Vicuna-v1 conversation format of LLaVA-1.5, for tokenizers that ship no chat template.
@@ -27,11 +32,19 @@ class VTWLlava(VTWBackend):
         "llava_next": LlavaNextForConditionalGeneration,
     }
 
-    def build_prompt(self, context: str, num_images: int) -> str:
-        if num_images and IMAGE_TOKEN not in context:
-            context = " ".join([IMAGE_TOKEN] * num_images) + "\n" + context
+    def build_prompt(self, context: str, visuals: list[Visual]) -> str:
+        if any(not isinstance(visual, Image.Image) for visual in visuals):
+            raise ValueError(f"{type(self).__name__} takes images, not videos")
+        if visuals and IMAGE_TOKEN not in context:
+            context = " ".join([IMAGE_TOKEN] * len(visuals)) + "\n" + context
         template = self.chat_template or self.tokenizer.chat_template or VICUNA_CHAT_TEMPLATE
         messages = [{"role": "user", "content": context}]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
+
+
+class VTWLlavaOnevision(VTWLlava):
+    """`vtw_llava_onevision`: LLaVA-OneVision checkpoints (llava-hf layout), prompts as llava_hf builds them."""
+
+    model_classes = {"llava_onevision": LlavaOnevisionForConditionalGeneration}

@@ -1,0 +1,129 @@
+"""The exactness suite on LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL tiny random models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import NUM_LAYERS, encode, picture
+from reference import reference_vtw_logits, visual_ids
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.tiny_models import build_tiny_llava_onevision, build_tiny_qwen2_vl
+
+BUILDERS = {
+    "llava_onevision": build_tiny_llava_onevision,
+    "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
+    "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
+}
+QUESTION = "Is there a red square in the image ?"
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiny(request, tmp_path_factory):
+    path = BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return request.param, path, processor
+
+
+def load(path):
+    return AutoModelForImageTextToText.from_pretrained(path).eval()
+
+
+def generate(model, inputs, **kwargs):
+    return model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=3, **kwargs)
+
+
+def test_no_withdrawal_is_bit_identical(tiny):
+    _, path, processor = tiny
+    model = load(path)
+    inputs = encode(processor, [(QUESTION, 1)])
+    logits, tokens = model(**inputs).logits, generate(model, inputs)
+    for layer in (None, NUM_LAYERS):
+        vtw = VisualTokenWithdrawal(model, withdraw_layer=layer)
+        assert torch.equal(model(**inputs).logits, logits)
+        assert torch.equal(generate(model, inputs), tokens)
+        vtw.remove()
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_every_layer_matches_naive_reference(tiny, num_images):
+    _, path, processor = tiny
+    model = load(path)
+    inputs = encode(processor, [(QUESTION, num_images)])
+    assert torch.isin(inputs["input_ids"], torch.tensor(visual_ids(model.config))).sum() >= 4 * num_images
+    for layer in range(NUM_LAYERS):
+        expected, kept_positions = reference_vtw_logits(model, inputs, layer)
+        vtw = VisualTokenWithdrawal(model, withdraw_layer=layer)
+        logits = model(**inputs).logits
+        vtw.remove()
+        assert vtw.plan.kept_positions[0].tolist() == kept_positions.tolist()
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def with_tokens(inputs: dict, sequence: torch.Tensor) -> dict:
+    """The prompt's multimodal inputs for ``sequence`` (prompt plus generated text tokens)."""
+    extra = sequence.shape[1] - inputs["input_ids"].shape[1]
+    grown = {**inputs, "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
+    if "mm_token_type_ids" in inputs:  # generated tokens are text (type 0)
+        grown["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra))
+    return grown
+
+
+@pytest.mark.parametrize("withdraw_layer", [0, 2])
+def test_cached_generation_equals_recompute(tiny, withdraw_layer):
+    """Proves the cache contents and the decoding positions (3-row for Qwen2-VL)."""
+    _, path, processor = tiny
+    model = load(path)
+    inputs = encode(processor, [(QUESTION, 2)])
+    vtw = VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
+    # A random model may pick a visual token id; recomputing would then read it as an image.
+    suppress = visual_ids(model.config)
+    cached = generate(model, inputs, output_logits=True, return_dict_in_generate=True, suppress_tokens=suppress)
+    sequence, step_logits = inputs["input_ids"], []
+    for _ in range(5):
+        logits = model(**with_tokens(inputs, sequence), use_cache=False).logits[:, -1]
+        step_logits.append(logits)
+        allowed = logits.clone()
+        allowed[:, suppress] = -float("inf")
+        sequence = torch.cat([sequence, allowed.argmax(-1, keepdim=True)], dim=1)
+    vtw.remove()
+    assert torch.equal(cached.sequences, sequence)
+    for got, want in zip(cached.logits, step_logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("withdraw_layer", [0, 2])
+def test_batch_equals_one_by_one(tiny, withdraw_layer):
+    _, path, processor = tiny
+    model = load(path)
+    VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
+    rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
+    batch_inputs = encode(processor, rows)
+    batch = generate(model, batch_inputs, output_logits=True, return_dict_in_generate=True)
+    for index, row in enumerate(rows):
+        single_inputs = encode(processor, [row], seed=index)
+        single = generate(model, single_inputs, output_logits=True, return_dict_in_generate=True)
+        answer = single.sequences[0, single_inputs["input_ids"].shape[1] :].tolist()
+        assert batch.sequences[index, batch_inputs["input_ids"].shape[1] :].tolist() == answer + [3] * (5 - len(answer))
+        torch.testing.assert_close(batch.logits[0][index], single.logits[0][0], atol=1e-4, rtol=0)
+
+
+def test_qwen2_vl_video_frames(tmp_path):
+    """Video pad tokens are withdrawn too; kept tokens keep their 3-D positions."""
+    path = build_tiny_qwen2_vl(tmp_path / "qwen2_vl", "2")
+    processor = AutoProcessor.from_pretrained(path)
+    model = load(path)
+    frames = np.stack([np.asarray(picture(seed).resize((56, 56))) for seed in range(4)])
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}], add_generation_prompt=True
+    )
+    inputs = dict(processor(videos=[frames], text=[text], return_tensors="pt"))
+    assert (inputs["input_ids"] == model.config.video_token_id).sum() > 0
+    for layer in (0, 2):
+        expected, _ = reference_vtw_logits(model, inputs, layer)
+        vtw = VisualTokenWithdrawal(model, withdraw_layer=layer)
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
+        vtw.remove()

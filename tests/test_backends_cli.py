@@ -1,0 +1,82 @@
+"""Each backend through the lmms-eval CLI on the tiny local tasks, with calibration and accounting;
+and a video doc through the Qwen2-VL backend."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+from lmms_eval.api.instance import Instance
+from transformers import AutoProcessor
+
+from vtw_eval.backends.qwen2_vl import VTWQwen2VL
+from vtw_eval.calibration import choose_withdraw_layer
+from vtw_eval.run import run_lmms_eval
+from vtw_eval.tiny_models import build_tiny_llava_next, build_tiny_llava_onevision, build_tiny_qwen2_vl
+
+BACKENDS = {
+    "vtw_llava": build_tiny_llava_next,  # LLaVA-1.5 runs everywhere else; here LLaVA-NeXT's tiles
+    "vtw_llava_onevision": build_tiny_llava_onevision,
+    "vtw_qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
+    "vtw_qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backend_cli_run_with_calibration_and_accounting(backend, tmp_path):
+    path = BACKENDS[backend](tmp_path / "model")
+    model_args = f"pretrained={path},withdraw_layer=1,device=cpu,calibration_dir={tmp_path}/cal,accounting_file={tmp_path}/r.jsonl"
+    results_file = run_lmms_eval(backend, model_args, "vtw_tiny_mme,vtw_calibration_tiny", tmp_path / "out",
+                                 "--batch_size", "3", "--log_samples")
+    results = json.loads(results_file.read_text())
+    assert "mme_perception_score,none" in results["results"]["vtw_tiny_mme"]
+    record = results["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
+    assert record["num_samples"] == 16 and record["mean_kl"][-1] == 0.0
+    assert (record["withdraw_layer"], record["threshold_met"]) == choose_withdraw_layer(record["mean_kl"], 0.003)
+    assert (tmp_path / "cal").is_dir() and len(list((tmp_path / "cal").glob("*.png"))) == 1
+
+    # Accounting: the visual tokens recorded are those the processor puts in the doc's prompt.
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(records) == 16 and all(r["withdraw_layer"] == 1 for r in records)
+    assert results["throughput"]["avg_withdraw_layer"] == 1
+    samples = [json.loads(line) for line in next(results_file.parent.glob("*_samples_vtw_tiny_mme.jsonl")).read_text().splitlines()]
+    assert len(samples) == 16
+    assert all(0 < r["visual_tokens"] < r["prompt_tokens"] and r["kept_tokens"] == r["prompt_tokens"] - r["visual_tokens"]
+               for r in records)
+
+
+def write_video(path, frames: int = 8, size: int = 56) -> str:
+    container = av.open(str(path), mode="w")
+    stream = container.add_stream("mpeg4", rate=4)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    for index in range(frames):
+        frame = np.zeros((size, size, 3), np.uint8)
+        frame[:, : (index + 1) * size // frames] = (200, 40, 40)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return str(path)
+
+
+def test_qwen2_vl_backend_reads_a_video_file(tmp_path):
+    path = build_tiny_qwen2_vl(tmp_path / "model", "2")
+    video = write_video(tmp_path / "clip.mp4")
+    lm = VTWQwen2VL(pretrained=str(path), withdraw_layer=1, device="cpu", max_num_frames=4,
+                    accounting_file=str(tmp_path / "r.jsonl"))
+    lm.task_dict = {"video": {"test": [{"video": video}]}}
+    metadata = {"task": "video", "doc_id": 0, "repeats": 1}
+    arguments = ("What colour is it ?", {"max_new_tokens": 3}, lambda doc: [doc["video"]], 0, "video", "test")
+    (answer,) = lm.generate_until([Instance("generate_until", arguments, idx=0, metadata=metadata)])
+    assert isinstance(answer, str)
+    (record,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    # 4 frames of 56x56 -> 2 temporal patches x (4x4 patches / 2x2 merge) = 8 video tokens.
+    processor = AutoProcessor.from_pretrained(path)
+    frames = lm._video_frames(video)
+    assert frames.shape == (4, 56, 56, 3)
+    inputs = processor(videos=[frames], text=[lm.build_prompt("What colour is it ?", [frames])], return_tensors="pt")
+    assert record["visual_tokens"] == int((inputs["input_ids"] == lm.model.config.video_token_id).sum()) == 8

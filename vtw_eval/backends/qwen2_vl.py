@@ -1,0 +1,41 @@
+"""`vtw_qwen2_vl` and `vtw_qwen2_5_vl`: Qwen2-VL and Qwen2.5-VL checkpoints with VTW.
+
+Prompts as lmms-eval's built-in qwen2_vl builds them: a system prompt, then the visuals (images,
+video frames) before the question, through the processor's chat template. Visual tokens are the
+image and video pad tokens; the vision start/end markers stay (see README).
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+from vtw_eval.backends.base import Visual, VTWBackend
+
+
+class VTWQwen2VL(VTWBackend):
+    model_classes = {"qwen2_vl": Qwen2VLForConditionalGeneration}
+
+    def __init__(
+        self,
+        pretrained: str,
+        min_pixels: int = 3136,
+        max_pixels: int = 602112,
+        system_prompt: str | None = "You are a helpful assistant.",
+        **kwargs,
+    ) -> None:
+        super().__init__(pretrained, **kwargs)
+        for processor in (self.processor.image_processor, getattr(self.processor, "video_processor", None)):
+            if processor is not None:  # the pixel budget decides how many visual tokens an image gets
+                processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+        self.system_prompt = system_prompt
+
+    def build_prompt(self, context: str, visuals: list[Visual]) -> str:
+        parts = [{"type": "image" if isinstance(v, Image.Image) else "video"} for v in visuals]
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": context.replace("<image>", "")}]})
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class VTWQwen2_5VL(VTWQwen2VL):
+    model_classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
