@@ -7,10 +7,10 @@ to fit the machine. Goal: at most 3 (the reference implementation runs about L-5
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from bench_speed import spread  # scripts/ is on the path when a script runs
 
 from vtw_eval.calibration import layer_kl_divergences
 from vtw_eval.engine import VisualTokenWithdrawal
@@ -42,12 +42,14 @@ def main(argv=None) -> None:
             calibration_times.append(time.perf_counter() - start)
     ratios = [c / f for c, f in zip(calibration_times, forward_times)]
     tokens = inputs["input_ids"].shape[1]
-    print(f"geometry: {args.layers} layers, d={args.hidden}, {tokens} prompt tokens ({tokens - args.text_before - args.text_after} visual)")
-    print(f"baseline forward: median {statistics.median(forward_times):.3f} s (min {min(forward_times):.3f}, max {max(forward_times):.3f})")
-    print(f"calibration, all {args.layers + 1} candidate layers: median {statistics.median(calibration_times):.3f} s "
-          f"(min {min(calibration_times):.3f}, max {max(calibration_times):.3f})")
-    print(f"calibration / forward: median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}); "
-          f"goal <= 3; the reference's per-layer forwards would be about {args.layers - 5}")
+    visual = tokens - args.text_before - args.text_after
+    print(f"geometry: {args.layers} layers, d={args.hidden}, {tokens} prompt tokens ({visual} visual)")
+    print(f"baseline forward s: {spread(forward_times)}")
+    print(f"calibration s, all {args.layers + 1} candidate layers: {spread(calibration_times)}")
+    print(
+        f"calibration / forward: median [min, max] {spread(ratios, digits=2)}; goal <= 3; "
+        f"the reference's per-layer forwards would be about {args.layers - 5}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from vtw_eval.calibration import write_atomically
 from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
 from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.files import write_atomically
 from vtw_eval.tiny_models import llava_prompt, random_llava
 
 
@@ -47,19 +47,27 @@ def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> dict:
     for _ in range(new_tokens):
         token = output.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        output = model(input_ids=token, attention_mask=mask, past_key_values=output.past_key_values,
-                       use_cache=True, logits_to_keep=1)
+        output = model(
+            input_ids=token,
+            attention_mask=mask,
+            past_key_values=output.past_key_values,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     sync(device)
     decode = (time.perf_counter() - start) / new_tokens
     cache = output.past_key_values
-    kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                   for layer in cache.layers)
+    kv_bytes = sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"prefill_s": prefill, "decode_s_per_token": decode, "kv_cache_bytes": kv_bytes, "peak_memory_bytes": peak}
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+def spread(values: list[float], digits: int = 3) -> str:
+    """Median [min, max]."""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
 @torch.inference_mode()
@@ -166,30 +174,64 @@ def main(argv=None) -> None:
         }
         row["prefill_speedup_ratio"] = row["measured_prefill_speedup"] / row["analytic_prefill_speedup"]
         rows.append(row)
-        table.append([
-            "none (baseline)" if k is None else k, spread(row["prefill_s"]), f"{row['measured_prefill_speedup']:.2f}",
-            f"{row['analytic_prefill_speedup']:.2f}", f"{row['prefill_speedup_ratio']:.2f}",
-            spread([1000 * d for d in row["decode_s_per_token"]]), f"{row['measured_decode_speedup']:.2f}",
-            f"{measured_kv / 2**20:.1f}", "yes" if measured_kv == analytic_kv else f"NO ({analytic_kv / 2**20:.1f})",
-            "n/a (CPU)" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**20:.0f}",
-        ])
-    print(f"{device.type}, {args.dtype}; {geometry.num_layers} layers, d={geometry.hidden_size}, "
-          f"m={geometry.intermediate_size}; {num_tokens} prompt tokens ({num_visual} visual), "
-          f"{args.new_tokens} decoding steps; median [min, max] of {args.repeats} interleaved repeats")
-    print(tabulate(table, headers=["K", "prefill s", "speedup", "analytic", "ratio", "decode ms/token",
-                                   "speedup", "KV MiB", "KV = analytic", "peak MiB"]))
+        table.append(
+            [
+                "none (baseline)" if k is None else k,
+                spread(row["prefill_s"]),
+                f"{row['measured_prefill_speedup']:.2f}",
+                f"{row['analytic_prefill_speedup']:.2f}",
+                f"{row['prefill_speedup_ratio']:.2f}",
+                spread([1000 * d for d in row["decode_s_per_token"]]),
+                f"{row['measured_decode_speedup']:.2f}",
+                f"{measured_kv / 2**20:.1f}",
+                "yes" if measured_kv == analytic_kv else f"NO ({analytic_kv / 2**20:.1f})",
+                "n/a (CPU)" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**20:.0f}",
+            ]
+        )
+    print(
+        f"{device.type}, {args.dtype}; {geometry.num_layers} layers, d={geometry.hidden_size}, "
+        f"m={geometry.intermediate_size}; {num_tokens} prompt tokens ({num_visual} visual), "
+        f"{args.new_tokens} decoding steps; median [min, max] of {args.repeats} interleaved repeats"
+    )
+    print(
+        tabulate(
+            table,
+            headers=[
+                "K",
+                "prefill s",
+                "speedup",
+                "analytic",
+                "ratio",
+                "decode ms/token",
+                "speedup",
+                "KV MiB",
+                "KV = analytic",
+                "peak MiB",
+            ],
+        )
+    )
     half = next((row for row in rows if row["withdraw_layer"] == geometry.num_layers // 2), None)
     if half:
         verdict = "met" if half["prefill_speedup_ratio"] >= 0.9 else "NOT met"
         print(f"goal: prefill speedup at K=L/2 >= 0.9 x analytic: {half['prefill_speedup_ratio']:.2f} ({verdict})")
     throughput = batch_throughput(8, args.repeats, args.new_tokens, device)
-    print(f"goal: batch_size 8 throughput >= 3 x batch_size 1 (small model): {throughput:.2f}x "
-          f"({'met' if throughput >= 3 else 'NOT met'})")
+    print(
+        f"goal: batch_size 8 throughput >= 3 x batch_size 1 (small model): {throughput:.2f}x "
+        f"({'met' if throughput >= 3 else 'NOT met'})"
+    )
 
     out = Path(args.out)
-    summary = {"device": device.type, "dtype": args.dtype, "geometry": geometry.__dict__, "prompt_tokens": num_tokens,
-               "visual_tokens": num_visual, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows,
-               "batch8_over_batch1_throughput": throughput}
+    summary = {
+        "device": device.type,
+        "dtype": args.dtype,
+        "geometry": geometry.__dict__,
+        "prompt_tokens": num_tokens,
+        "visual_tokens": num_visual,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "rows": rows,
+        "batch8_over_batch1_throughput": throughput,
+    }
     write_atomically(out / "speed.json", (json.dumps(summary, indent=2) + "\n").encode())
     plot(rows, out / "speed.png")
     print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")

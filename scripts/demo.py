@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vtw_eval.diff import efficiency_rows, load_run, metric_rows, render, sample_changes
+from vtw_eval.files import write_atomically
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 from vtw_eval.tiny_models import build_tiny_llava
 
@@ -50,9 +51,7 @@ def main() -> int:
     summary = render(loaded, metric_rows(loaded), efficiency_rows(loaded), sample_changes(loaded), "markdown")
     print(summary)
     summary_file = out / "summary.md"
-    tmp = summary_file.with_suffix(".md.tmp")
-    tmp.write_text(summary + "\n")
-    tmp.replace(summary_file)  # atomic: never a half-written summary
+    write_atomically(summary_file, (summary + "\n").encode())
     print(f"\nwrote {summary_file}")
     return 0
 

@@ -46,8 +46,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     features = Features(
-        {"question_id": Value("string"), "question": Value("string"), "answer": Value("string"),
-         "category": Value("string"), "image": Image()}
+        {
+            "question_id": Value("string"),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "category": Value("string"),
+            "image": Image(),
+        }
     )
     dataset = Dataset.from_list(make_docs(args.num_images, args.seed), features=features)
     DatasetDict({"test": dataset}).save_to_disk(args.out)  # lmms-eval reads the split by name

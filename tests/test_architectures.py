@@ -118,7 +118,8 @@ def test_qwen2_vl_video_frames(tmp_path):
     model = load(path)
     frames = np.stack([np.asarray(picture(seed).resize((56, 56))) for seed in range(4)])
     text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}], add_generation_prompt=True
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True,
     )
     inputs = dict(processor(videos=[frames], text=[text], return_tensors="pt"))
     assert (inputs["input_ids"] == model.config.video_token_id).sum() > 0
@@ -127,3 +128,19 @@ def test_qwen2_vl_video_frames(tmp_path):
         vtw = VisualTokenWithdrawal(model, withdraw_layer=layer)
         torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
         vtw.remove()
+
+
+def test_one_pass_calibration_equals_reference(tiny):
+    """The one-pass per-layer KL uses the positions the model gives its layers (3-row for Qwen)."""
+    from vtw_eval.calibration import layer_kl_divergences
+
+    _, path, processor = tiny
+    model = load(path)
+    inputs = encode(processor, [(QUESTION, 2)])
+    kl = layer_kl_divergences(VisualTokenWithdrawal(model, withdraw_layer=None), inputs)[0]
+    log_p_full = torch.log_softmax(model(**inputs).logits[0, -1], -1)
+    for layer in range(NUM_LAYERS):
+        logits, _ = reference_vtw_logits(model, inputs, layer)
+        log_p = torch.log_softmax(logits[0, -1], -1)
+        expected = float((log_p.exp() * (log_p - log_p_full)).sum().detach())
+        assert kl[layer].item() == pytest.approx(expected, abs=1e-5)

@@ -28,7 +28,10 @@ def doc_to_visual(doc):
 
 def backend(path, withdraw_layer, batch_size=1, accounting_file=None):
     lm = VTWLlava(
-        pretrained=str(path), withdraw_layer=withdraw_layer, device="cpu", batch_size=batch_size,
+        pretrained=str(path),
+        withdraw_layer=withdraw_layer,
+        device="cpu",
+        batch_size=batch_size,
         accounting_file=accounting_file or f"{path}/accounting.jsonl",
     )
     lm.task_dict = {"tiny": {"test": docs()}}
@@ -53,13 +56,17 @@ def expected_answers(path, processor, withdraw_layer):
     VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
     answers = []
     for doc in docs():
-        context = " ".join(["<image>"] * len(doc["images"])) + "\n" + doc["question"] if doc["images"] else doc["question"]
+        context = (
+            " ".join(["<image>"] * len(doc["images"])) + "\n" + doc["question"] if doc["images"] else doc["question"]
+        )
         text = processor.tokenizer.apply_chat_template(
             [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
         )
         inputs = processor(images=doc["images"] or None, text=[text], return_tensors="pt")
         output = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=3, eos_token_id=2)
-        answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        answers.append(
+            processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
     return answers
 
 
@@ -118,7 +125,9 @@ def test_parse_withdraw_layer(value, expected):
 
 @pytest.mark.parametrize("value", [-1, NUM_LAYERS + 1, "sixteen", "2.5", 2.5, True])
 def test_parse_withdraw_layer_rejects(value):
-    with pytest.raises(ValueError, match=rf"withdraw_layer={value!r} is not accepted; use an integer from 0 to {NUM_LAYERS}"):
+    with pytest.raises(
+        ValueError, match=rf"withdraw_layer={value!r} is not accepted; use an integer from 0 to {NUM_LAYERS}"
+    ):
         parse_withdraw_layer(value, NUM_LAYERS)
 
 

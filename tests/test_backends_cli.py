@@ -14,10 +14,12 @@ from transformers import AutoProcessor
 from vtw_eval.backends.qwen2_vl import VTWQwen2VL
 from vtw_eval.calibration import choose_withdraw_layer
 from vtw_eval.run import run_lmms_eval
-from vtw_eval.tiny_models import build_tiny_llava_next, build_tiny_llava_onevision, build_tiny_qwen2_vl
+from vtw_eval.tiny_models import build_tiny_llava, build_tiny_llava_onevision, build_tiny_qwen2_vl
 
 BACKENDS = {
-    "vtw_llava": build_tiny_llava_next,  # LLaVA-1.5 runs everywhere else; here LLaVA-NeXT's tiles
+    "vtw_llava": lambda path: build_tiny_llava(
+        path, any_resolution=True
+    ),  # LLaVA-1.5 runs everywhere else; here LLaVA-NeXT's tiles
     "vtw_llava_onevision": build_tiny_llava_onevision,
     "vtw_qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "vtw_qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
@@ -27,9 +29,13 @@ BACKENDS = {
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_backend_cli_run_with_calibration_and_accounting(backend, tmp_path):
     path = BACKENDS[backend](tmp_path / "model")
-    model_args = f"pretrained={path},withdraw_layer=1,device=cpu,calibration_dir={tmp_path}/cal,accounting_file={tmp_path}/r.jsonl"
-    results_file = run_lmms_eval(backend, model_args, "vtw_tiny_mme,vtw_calibration_tiny", tmp_path / "out",
-                                 "--batch_size", "3", "--log_samples")
+    model_args = (
+        f"pretrained={path},withdraw_layer=1,device=cpu,"
+        f"calibration_dir={tmp_path}/cal,accounting_file={tmp_path}/r.jsonl"
+    )
+    results_file = run_lmms_eval(
+        backend, model_args, "vtw_tiny_mme,vtw_calibration_tiny", tmp_path / "out", "--batch_size", "3", "--log_samples"
+    )
     results = json.loads(results_file.read_text())
     assert "mme_perception_score,none" in results["results"]["vtw_tiny_mme"]
     record = results["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
@@ -41,10 +47,15 @@ def test_backend_cli_run_with_calibration_and_accounting(backend, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert len(records) == 16 and all(r["withdraw_layer"] == 1 for r in records)
     assert results["throughput"]["avg_withdraw_layer"] == 1
-    samples = [json.loads(line) for line in next(results_file.parent.glob("*_samples_vtw_tiny_mme.jsonl")).read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for line in next(results_file.parent.glob("*_samples_vtw_tiny_mme.jsonl")).read_text().splitlines()
+    ]
     assert len(samples) == 16
-    assert all(0 < r["visual_tokens"] < r["prompt_tokens"] and r["kept_tokens"] == r["prompt_tokens"] - r["visual_tokens"]
-               for r in records)
+    assert all(
+        0 < r["visual_tokens"] < r["prompt_tokens"] and r["kept_tokens"] == r["prompt_tokens"] - r["visual_tokens"]
+        for r in records
+    )
 
 
 def write_video(path, frames: int = 8, size: int = 56) -> str:
@@ -66,8 +77,13 @@ def write_video(path, frames: int = 8, size: int = 56) -> str:
 def test_qwen2_vl_backend_reads_a_video_file(tmp_path):
     path = build_tiny_qwen2_vl(tmp_path / "model", "2")
     video = write_video(tmp_path / "clip.mp4")
-    lm = VTWQwen2VL(pretrained=str(path), withdraw_layer=1, device="cpu", max_num_frames=4,
-                    accounting_file=str(tmp_path / "r.jsonl"))
+    lm = VTWQwen2VL(
+        pretrained=str(path),
+        withdraw_layer=1,
+        device="cpu",
+        max_num_frames=4,
+        accounting_file=str(tmp_path / "r.jsonl"),
+    )
     lm.task_dict = {"video": {"test": [{"video": video}]}}
     metadata = {"task": "video", "doc_id": 0, "repeats": 1}
     arguments = ("What colour is it ?", {"max_new_tokens": 3}, lambda doc: [doc["video"]], 0, "video", "test")

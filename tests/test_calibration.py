@@ -74,8 +74,10 @@ def test_summary_weights_subsets_by_size_and_says_when_no_layer_met_it():
 def test_calibration_file_round_trip_and_errors(tmp_path, tiny_llava_path):
     model = load_model(tiny_llava_path)
     good_hash = config_hash(model.config)
-    record = summarise({"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}},
-                       {"model": "tiny", "config_hash": good_hash, "kl_threshold": 0.003})
+    record = summarise(
+        {"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}},
+        {"model": "tiny", "config_hash": good_hash, "kl_threshold": 0.003},
+    )
     json_path, plot_path = write_calibration(record, tmp_path / "tiny.json")
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_calibration(json_path, "tiny", good_hash)["withdraw_layer"] == 1
@@ -97,8 +99,12 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
     calibration_dir = tmp_path / "calibration"
     common = f"pretrained={tiny_llava_path},device=cpu,calibration_dir={calibration_dir}"
     results_file = run_lmms_eval(
-        "vtw_llava", common + f",accounting_file={tmp_path}/a.jsonl", "vtw_calibration_tiny", tmp_path / "calibrate",
-        "--batch_size", "4",
+        "vtw_llava",
+        common + f",accounting_file={tmp_path}/a.jsonl",
+        "vtw_calibration_tiny",
+        tmp_path / "calibrate",
+        "--batch_size",
+        "4",
     )
     record = json.loads(results_file.read_text())["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
     files = sorted(p.name for p in calibration_dir.iterdir())
@@ -111,7 +117,9 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
     assert (record["withdraw_layer"], True) == choose_withdraw_layer(record["mean_kl"], 0.003)
 
     results_file = run_lmms_eval(
-        "vtw_llava", common + f",withdraw_layer=auto,accounting_file={tmp_path}/b.jsonl", "vtw_tiny_mme",
+        "vtw_llava",
+        common + f",withdraw_layer=auto,accounting_file={tmp_path}/b.jsonl",
+        "vtw_tiny_mme",
         tmp_path / "auto",
     )
     assert json.loads(results_file.read_text())["throughput"]["avg_withdraw_layer"] == record["withdraw_layer"]

@@ -39,7 +39,8 @@ def test_cli_run_answers_equal_the_engine(tiny_llava_path, processor, tmp_path, 
         f"pretrained={tiny_llava_path},withdraw_layer={withdraw_layer},device=cpu,accounting_file={tmp_path}/a.jsonl",
         "vtw_tiny_mme",
         tmp_path,
-        "--batch_size", "3",
+        "--batch_size",
+        "3",
         "--log_samples",
     )
     results = json.loads(results_file.read_text())

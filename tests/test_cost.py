@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import NUM_LAYERS
 from test_backend import backend, generation_requests
 from transformers import LlavaConfig, Qwen2Config
 
 from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
 
-LLAVA_7B = DecoderGeometry(num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128)
+LLAVA_7B = DecoderGeometry(
+    num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128
+)
 
 
 def test_llava_7b_prefill_by_hand():
@@ -40,8 +41,9 @@ def test_llava_7b_decode_and_kv_cache_by_hand():
 
 
 def test_grouped_query_config_by_hand():
-    config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2)
+    config = Qwen2Config(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
+    )
     geometry = DecoderGeometry.from_config(config)
     assert (geometry.num_heads, geometry.num_kv_heads, geometry.head_dim) == (12, 2, 128)
     # q and o: 1536x1536 each; k and v: 1536x256 each; MLP: 3 x 1536x8960; 2 FLOPs per multiply-add.
@@ -54,8 +56,15 @@ def test_grouped_query_config_by_hand():
 
 
 def test_geometry_from_a_multimodal_config():
-    config = LlavaConfig(text_config={"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                                      "num_hidden_layers": 32, "num_attention_heads": 32})
+    config = LlavaConfig(
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+        }
+    )
     assert DecoderGeometry.from_config(config) == LLAVA_7B
 
 
@@ -65,8 +74,10 @@ def test_out_of_range_layer_is_refused():
 
 
 def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
 
 
 @pytest.mark.parametrize("withdraw_layer", [1, "none"])
@@ -79,8 +90,11 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
     lm.generate_until([request])
     (record,) = [json.loads(line) for line in accounting_file.read_text().splitlines()]
 
-    input_ids = lm.processor(images=request.args[2](lm.task_dict["tiny"]["test"][3]),
-                             text=[lm.build_prompt(request.args[0], request.args[2](lm.task_dict['tiny']['test'][3]))], return_tensors="pt")["input_ids"]
+    input_ids = lm.processor(
+        images=request.args[2](lm.task_dict["tiny"]["test"][3]),
+        text=[lm.build_prompt(request.args[0], request.args[2](lm.task_dict["tiny"]["test"][3]))],
+        return_tensors="pt",
+    )["input_ids"]
     assert record["prompt_tokens"] == input_ids.shape[1]
     assert record["visual_tokens"] == int((input_ids == lm.model.config.image_token_id).sum()) == 32
     layer = NUM_LAYERS if withdraw_layer == "none" else withdraw_layer
@@ -98,8 +112,12 @@ def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
     from vtw_eval.run import run_lmms_eval
 
     results_file = run_lmms_eval(
-        "vtw_llava", f"pretrained={tiny_llava_path},withdraw_layer=1,device=cpu,accounting_file={tmp_path}/r.jsonl",
-        "vtw_tiny_mme", tmp_path, "--batch_size", "4",
+        "vtw_llava",
+        f"pretrained={tiny_llava_path},withdraw_layer=1,device=cpu,accounting_file={tmp_path}/r.jsonl",
+        "vtw_tiny_mme",
+        tmp_path,
+        "--batch_size",
+        "4",
     )
     throughput = json.loads(results_file.read_text())["throughput"]
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]

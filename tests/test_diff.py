@@ -21,7 +21,11 @@ def real_runs(tiny_llava_path, tmp_path_factory):
         files[name] = run_lmms_eval(
             "vtw_llava",
             f"pretrained={tiny_llava_path},withdraw_layer={layer},device=cpu,accounting_file={out}/{name}.jsonl",
-            "vtw_tiny_mme,vtw_tiny_mme_choice", out / name, "--batch_size", "4", "--log_samples",
+            "vtw_tiny_mme,vtw_tiny_mme_choice",
+            out / name,
+            "--batch_size",
+            "4",
+            "--log_samples",
         )
     return files
 
@@ -40,7 +44,9 @@ def results_file(path, results, higher_is_better=None, **extra):
 
 
 def test_real_runs_json_deltas_and_samples(real_runs, capsys):
-    code, out, _ = run_diff(capsys, real_runs["baseline"].parent.parent, real_runs["k1"], "--format", "json", "--samples")
+    code, out, _ = run_diff(
+        capsys, real_runs["baseline"].parent.parent, real_runs["k1"], "--format", "json", "--samples"
+    )
     assert code == 0
     document = json.loads(out)
     base = json.loads(real_runs["baseline"].read_text())["results"]
@@ -53,6 +59,7 @@ def test_real_runs_json_deltas_and_samples(real_runs, capsys):
         expected = cand[task][f"{metric},none"] - base[task][f"{metric},none"]
         assert row[f"{labels[1]} delta"] == pytest.approx(expected)
         assert row["higher_is_better"] is True
+
     # Changed answers, counted from the samples files by hand.
     def answers(results_path, task):
         samples = next(results_path.parent.glob(f"*_samples_{task}.jsonl")).read_text().splitlines()
@@ -89,8 +96,12 @@ def test_fail_on_drop(tmp_path, capsys):
 
 
 def test_missing_metrics_na_and_nan(tmp_path, capsys):
-    base = results_file(tmp_path / "a_results.json", {"t": {"acc,none": 0.5, "acc_stderr,none": "N/A"}, "only_a": {"x,none": 1.0}},
-                        {"t": {"acc": True}}, lmms_eval_version="0.3.0")
+    base = results_file(
+        tmp_path / "a_results.json",
+        {"t": {"acc,none": 0.5, "acc_stderr,none": "N/A"}, "only_a": {"x,none": 1.0}},
+        {"t": {"acc": True}},
+        lmms_eval_version="0.3.0",
+    )
     cand = results_file(tmp_path / "b_results.json", {"t": {"acc,none": float("nan")}, "only_b": {"y,none": 2.0}})
     code, out, _ = run_diff(capsys, base, cand, "--format", "json")
     rows = {(r["task"], r["metric"]): r for r in json.loads(out)["metrics"]}
@@ -102,7 +113,9 @@ def test_missing_metrics_na_and_nan(tmp_path, capsys):
     assert "Only in some runs: only_a x, only_b y" in out and "N/A" in out
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "not a readable JSON file"), ('{"a": 1}', "not an lmms-eval results file")])
+@pytest.mark.parametrize(
+    "content, message", [("{not json", "not a readable JSON file"), ('{"a": 1}', "not an lmms-eval results file")]
+)
 def test_bad_files_name_the_file(tmp_path, capsys, content, message):
     good = results_file(tmp_path / "good_results.json", {"t": {"acc,none": 1.0}})
     bad = tmp_path / "bad_results.json"
@@ -111,3 +124,20 @@ def test_bad_files_name_the_file(tmp_path, capsys, content, message):
     assert code == 2 and str(bad) in err and message in err
     code, _, err = run_diff(capsys, good, tmp_path / "nowhere")
     assert code == 2 and "nowhere: no such file or directory" in err
+
+
+def test_multiple_choice_answers_compare_the_chosen_option(tmp_path, capsys):
+    def run(name, pairs_per_doc):
+        folder = tmp_path / name
+        folder.mkdir()
+        results_file(folder / "x_results.json", {"mc": {"acc,none": 0.5}})
+        lines = [json.dumps({"doc_id": i, "filtered_resps": [str(p) for p in pairs]}) for i, pairs in enumerate(pairs_per_doc)]
+        (folder / "x_samples_mc.jsonl").write_text("\n".join(lines))
+        return folder / "x_results.json"
+
+    base = run("a", [[(-1.0, True), (-2.0, False)], [(-3.0, False), (-0.5, True)]])
+    cand = run("b", [[(-1.1, True), (-2.2, False)], [(-0.4, True), (-0.6, False)]])  # doc 1 flips to option 0
+    code, out, _ = run_diff(capsys, base, cand, "--samples", "--format", "json")
+    (change,) = json.loads(out)["sample_changes"]
+    assert (change["changed"], change["compared"]) == (1, 2)
+    assert change["examples"] == [[1, "option 1", "option 0"]]

@@ -16,10 +16,20 @@ def test_two_processes_equal_one(tiny_llava_path, tmp_path):
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        model_args = (f"pretrained={tiny_llava_path},withdraw_layer=2,device=cpu,"
-                      f"calibration_dir={out}/calibration,accounting_file={out}/requests.jsonl")
-        runs[processes] = run_lmms_eval("vtw_llava", model_args, "vtw_tiny_mme,vtw_calibration_tiny", out,
-                                        "--batch_size", "2", "--log_samples", processes=processes)
+        model_args = (
+            f"pretrained={tiny_llava_path},withdraw_layer=2,device=cpu,"
+            f"calibration_dir={out}/calibration,accounting_file={out}/requests.jsonl"
+        )
+        runs[processes] = run_lmms_eval(
+            "vtw_llava",
+            model_args,
+            "vtw_tiny_mme,vtw_calibration_tiny",
+            out,
+            "--batch_size",
+            "2",
+            "--log_samples",
+            processes=processes,
+        )
     one, two = (json.loads(runs[p].read_text()) for p in (1, 2))
     assert one["results"]["vtw_tiny_mme"] == two["results"]["vtw_tiny_mme"]
     assert answers(runs[1], "vtw_tiny_mme") == answers(runs[2], "vtw_tiny_mme")

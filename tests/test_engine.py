@@ -105,7 +105,9 @@ def test_cached_generation_equals_recompute_from_scratch(model, processor, withd
     sequence, step_logits = inputs["input_ids"], []
     for _ in range(6):  # a whole VTW forward over prompt + generated tokens, no cache
         mask = torch.ones_like(sequence)
-        logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"], attention_mask=mask, use_cache=False).logits
+        logits = model(
+            input_ids=sequence, pixel_values=inputs["pixel_values"], attention_mask=mask, use_cache=False
+        ).logits
         step_logits.append(logits[:, -1])
         sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     vtw.remove()
@@ -178,9 +180,9 @@ def test_eager_and_sdpa_agree(tiny_llava_path, processor, withdraw_layer):
 def tiny_llava_next(tmp_path_factory):
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-    from vtw_eval.tiny_models import build_tiny_llava_next
+    from vtw_eval.tiny_models import build_tiny_llava
 
-    path = build_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next"), num_layers=NUM_LAYERS)
+    path = build_tiny_llava(tmp_path_factory.mktemp("tiny_llava_next"), num_layers=NUM_LAYERS, any_resolution=True)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return LlavaNextForConditionalGeneration.from_pretrained(path).eval(), processor

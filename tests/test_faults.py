@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from test_backend import backend, generation_requests, request
 
-from vtw_eval.calibration import write_atomically
+from vtw_eval.files import write_atomically
 from vtw_eval.run import run_lmms_eval
 
 
@@ -34,8 +34,12 @@ def test_cli_auto_with_a_corrupt_calibration_file(tiny_llava_path, tmp_path):
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"withdraw_layer": 2, "num_la')
     with pytest.raises(RuntimeError, match="lmms-eval failed"):
-        run_lmms_eval("vtw_llava", f"pretrained={tiny_llava_path},withdraw_layer=auto,calibration={corrupt},device=cpu",
-                      "vtw_tiny_mme", tmp_path)
+        run_lmms_eval(
+            "vtw_llava",
+            f"pretrained={tiny_llava_path},withdraw_layer=auto,calibration={corrupt},device=cpu",
+            "vtw_tiny_mme",
+            tmp_path,
+        )
     assert f"calibration file {corrupt} is unreadable" in (tmp_path / "lmms_eval.log").read_text()
 
 
@@ -46,7 +50,9 @@ def test_undecodable_image_names_the_doc_and_stops(tiny_llava_path):
         return [Image.open(io.BytesIO(b"not a png"))]
 
     requests = generation_requests()
-    requests[2] = request("generate_until", (requests[2].args[0], requests[2].args[1], broken_visual, 2, "tiny", "test"))
+    requests[2] = request(
+        "generate_until", (requests[2].args[0], requests[2].args[1], broken_visual, 2, "tiny", "test")
+    )
     with pytest.raises(RuntimeError, match=r"\('tiny', 2\).*cannot identify image file"):
         lm.generate_until(requests)
 
@@ -83,7 +89,7 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
 WRITER = """
 import sys, itertools
 from pathlib import Path
-from vtw_eval.calibration import write_atomically
+from vtw_eval.files import write_atomically
 target = Path(sys.argv[1])
 print("ready", flush=True)
 for i in itertools.count():

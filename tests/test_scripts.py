@@ -16,9 +16,25 @@ def run_script(*args: str) -> str:
 
 
 def test_speed_benchmark_runs_and_kv_bytes_match_the_cost_model(tmp_path):
-    out = run_script("scripts/bench_speed.py", "--layers", "4", "--hidden", "64", "--intermediate", "128",
-                     "--heads", "4", "--withdraw-layers", "0,2", "--repeats", "1", "--new-tokens", "2",
-                     "--out", str(tmp_path))
+    out = run_script(
+        "scripts/bench_speed.py",
+        "--layers",
+        "4",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--heads",
+        "4",
+        "--withdraw-layers",
+        "0,2",
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
     assert "goal: prefill speedup at K=L/2" in out
     summary = json.loads((tmp_path / "speed.json").read_text())
     assert [row["withdraw_layer"] for row in summary["rows"]] == [4, 0, 2]
@@ -28,6 +44,7 @@ def test_speed_benchmark_runs_and_kv_bytes_match_the_cost_model(tmp_path):
 
 
 def test_calibration_benchmark_runs():
-    out = run_script("scripts/bench_calibration.py", "--layers", "3", "--hidden", "64", "--intermediate", "128",
-                     "--repeats", "1")
-    assert "calibration / forward: median" in out
+    out = run_script(
+        "scripts/bench_calibration.py", "--layers", "3", "--hidden", "64", "--intermediate", "128", "--repeats", "1"
+    )
+    assert "calibration / forward: median [min, max]" in out

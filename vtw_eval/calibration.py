@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.files import write_atomically
 
 DEFAULT_KL_THRESHOLD = 0.003
 CALIBRATION_FORMAT = 1
@@ -29,21 +30,11 @@ CALIBRATION_FORMAT = 1
 @torch.inference_mode()
 def layer_kl_divergences(withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """KL(p_k || p_full) at the last prompt position, shape (batch, L + 1); column L is 0."""
-    model = withdrawal.model
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is not None:  # the positions generation would use for left-padded rows
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    else:
-        position_ids = torch.arange(inputs["input_ids"].shape[1], device=inputs["input_ids"].device)[None]
-    saved = withdrawal.withdraw_layer
-    withdrawal.withdraw_layer = None
-    try:
-        full = model(**inputs, position_ids=position_ids, output_hidden_states=True, use_cache=False)
-    finally:
-        withdrawal.withdraw_layer = saved
-    log_p_full = torch.log_softmax(full.logits[:, -1].float(), dim=-1)
-    last = withdrawal.last_hidden_for_every_layer(full.hidden_states, inputs["input_ids"], attention_mask, position_ids)
-    log_p = torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)  # (L, batch, vocab)
+    full_logits, last_hidden = withdrawal.every_layer_last_hidden(inputs)
+    log_p_full = torch.log_softmax(full_logits.float(), dim=-1)
+    log_p = torch.log_softmax(
+        withdrawal.model.get_output_embeddings()(last_hidden).float(), dim=-1
+    )  # (L, batch, vocab)
     kl = (log_p.exp() * (log_p - log_p_full)).sum(-1).T  # (batch, L)
     return torch.cat([kl, torch.zeros(kl.shape[0], 1, device=kl.device)], dim=1).cpu()
 
@@ -156,17 +147,6 @@ def aggregate_group(subset_records: list[dict], sizes, weight_by_size) -> dict:
     record["calibration_file"], record["plot"] = str(json_path), str(plot_path)
     print(f"VTW calibration: {record['message']}; wrote {json_path} and {plot_path}")
     return record
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: an old file is never half-replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_calibration(record: dict, path: str | Path) -> tuple[Path, Path]:

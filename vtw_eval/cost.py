@@ -80,12 +80,21 @@ class DecoderGeometry:
         return per_token_layer * (full_layers * num_tokens + withdrawn_layers * (num_tokens - num_visual))
 
 
-def analytic_prefill_speedup(geometry: DecoderGeometry, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> float:
-    return geometry.prefill_flops(num_tokens, num_visual, None) / geometry.prefill_flops(num_tokens, num_visual, withdraw_layer)
+def analytic_prefill_speedup(
+    geometry: DecoderGeometry, num_tokens: int, num_visual: int, withdraw_layer: int | None
+) -> float:
+    return geometry.prefill_flops(num_tokens, num_visual, None) / geometry.prefill_flops(
+        num_tokens, num_visual, withdraw_layer
+    )
 
 
 def request_figures(
-    geometry: DecoderGeometry, num_tokens: int, num_visual: int, generated: int, withdraw_layer: int | None, dtype_bytes: int
+    geometry: DecoderGeometry,
+    num_tokens: int,
+    num_visual: int,
+    generated: int,
+    withdraw_layer: int | None,
+    dtype_bytes: int,
 ) -> dict:
     """One request's token counts, prefill FLOPs and final KV-cache bytes, baseline and VTW.
 

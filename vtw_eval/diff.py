@@ -10,6 +10,7 @@ one is used). The first input is the baseline.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import io
 import json
@@ -24,9 +25,17 @@ from tabulate import tabulate
 FORMATS = ("table", "markdown", "csv", "json")
 # What the vtw backends log per run (``throughput`` section, as ``avg_<key>``); see README.
 EFFICIENCY_KEYS = (
-    "withdraw_layer", "visual_tokens", "kept_tokens", "prefill_tflops_baseline", "prefill_tflops_vtw",
-    "prefill_flops_saved", "kv_cache_mb_baseline", "kv_cache_mb_vtw", "kv_cache_saved",
-    "prefill_seconds_per_batch", "decode_seconds_per_step",
+    "withdraw_layer",
+    "visual_tokens",
+    "kept_tokens",
+    "prefill_tflops_baseline",
+    "prefill_tflops_vtw",
+    "prefill_flops_saved",
+    "kv_cache_mb_baseline",
+    "kv_cache_mb_vtw",
+    "kv_cache_saved",
+    "prefill_seconds_per_batch",
+    "decode_seconds_per_step",
 )
 
 
@@ -164,10 +173,26 @@ def _answers(run: Run, task: str) -> dict | None:
     for number, line in enumerate(samples_file.read_text().splitlines(), 1):
         try:
             sample = json.loads(line)
-            answers[sample["doc_id"]] = json.dumps(sample["filtered_resps"])
+            answers[sample["doc_id"]] = _answer(sample["filtered_resps"])
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{samples_file}:{number}: not an lmms-eval sample ({error})") from None
     return answers
+
+
+def _answer(response) -> str:
+    """A sample's answer: the generated text, or for multiple choice the chosen option's index.
+
+    Multiple-choice samples hold one (log-likelihood, is_greedy) pair per option; lmms-eval 0.7.3
+    logs them as strings. Comparing raw log-likelihoods would call every answer changed.
+    """
+    if isinstance(response, list) and response:
+        try:
+            pairs = [ast.literal_eval(r) if isinstance(r, str) else r for r in response]
+            log_likelihoods = [float(pair[0]) for pair in pairs]
+        except (ValueError, SyntaxError, TypeError, IndexError):
+            return json.dumps(response)
+        return f"option {log_likelihoods.index(max(log_likelihoods))}"
+    return response if isinstance(response, str) else json.dumps(response)
 
 
 def drops(rows: list[dict], runs: list[Run], threshold: float) -> list[str]:
@@ -188,8 +213,11 @@ def drops(rows: list[dict], runs: list[Run], threshold: float) -> list[str]:
 
 def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: list[dict] | None, fmt: str) -> str:
     if fmt == "json":
-        document = {"runs": [{"label": r.label, "results_file": str(r.results_file)} for r in runs], "metrics": rows,
-                    "efficiency": efficiency}
+        document = {
+            "runs": [{"label": r.label, "results_file": str(r.results_file)} for r in runs],
+            "metrics": rows,
+            "efficiency": efficiency,
+        }
         if changes is not None:
             document["sample_changes"] = changes
         return json.dumps(document, indent=2)
@@ -199,7 +227,12 @@ def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: l
     headers.append("stderr")
     table = []
     for row in rows:
-        line = [row["task"], row["metric"], {True: "↑", False: "↓"}.get(row["higher_is_better"], "?"), row[runs[0].label]]
+        line = [
+            row["task"],
+            row["metric"],
+            {True: "↑", False: "↓"}.get(row["higher_is_better"], "?"),
+            row[runs[0].label],
+        ]
         for run in runs[1:]:
             rel = row[f"{run.label} rel"]
             line += [row[run.label], row[f"{run.label} delta"], None if rel is None else f"{rel:+.1%}"]
@@ -216,13 +249,22 @@ def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: l
     parts = [tabulate(table, headers=headers, tablefmt=style, floatfmt=".4g", missingval="N/A")]
     if efficiency:
         labels = [run.label for run in runs]
-        parts.append(tabulate([[e["figure"], *[e.get(label) for label in labels]] for e in efficiency],
-                              headers=["efficiency", *labels], tablefmt=style, floatfmt=".4g", missingval="N/A"))
+        parts.append(
+            tabulate(
+                [[e["figure"], *[e.get(label) for label in labels]] for e in efficiency],
+                headers=["efficiency", *labels],
+                tablefmt=style,
+                floatfmt=".4g",
+                missingval="N/A",
+            )
+        )
     missing = [f"{row['task']} {row['metric']}" for row in rows if row["present_in"] < len(runs)]
     if missing:
         parts.append("Only in some runs: " + ", ".join(missing))
     for change in changes or []:
-        lines = [f"{change['task']}: {change['changed']} of {change['compared']} answers changed ({change['candidate']})"]
+        lines = [
+            f"{change['task']}: {change['changed']} of {change['compared']} answers changed ({change['candidate']})"
+        ]
         lines += [f"  doc {doc}: {old} -> {new}" for doc, old, new in change["examples"]]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -233,8 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="results files or output directories; the first is the baseline")
     parser.add_argument("--labels", help="comma-separated labels, one per path")
     parser.add_argument("--format", default="table", choices=FORMATS)
-    parser.add_argument("--fail-on-drop", type=float, metavar="X",
-                        help="exit 1 when a metric gets worse than the baseline by more than X (metric units)")
+    parser.add_argument(
+        "--fail-on-drop",
+        type=float,
+        metavar="X",
+        help="exit 1 when a metric gets worse than the baseline by more than X (metric units)",
+    )
     parser.add_argument("--samples", action="store_true", help="compare --log_samples answers doc by doc")
     args = parser.parse_args(argv)
     if len(args.paths) < 2:

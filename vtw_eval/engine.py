@@ -73,6 +73,13 @@ def plan_withdrawal(
     return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, input_ids.shape[1])
 
 
+def tile_batch(tensor: torch.Tensor, copies: int, trailing_dims: int) -> torch.Tensor:
+    """Repeat along the batch dimension, the one followed by ``trailing_dims`` dimensions."""
+    repeats = [1] * tensor.dim()
+    repeats[tensor.dim() - 1 - trailing_dims] = copies
+    return tensor.repeat(*repeats)
+
+
 def visual_token_ids_of(config) -> list[int]:
     """Token ids whose positions hold visual embeddings (image, and video where the model has one)."""
     ids = []
@@ -129,7 +136,9 @@ class VisualTokenWithdrawal:
 
     @withdraw_layer.setter
     def withdraw_layer(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_layers):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_layers
+        ):
             raise ValueError(f"withdraw_layer must be an integer in 0..{self.num_layers} or None, got {value!r}")
         self._withdraw_layer = value
 
@@ -142,41 +151,46 @@ class VisualTokenWithdrawal:
             handle.remove()
         self._handles = []
 
-    def last_hidden_for_every_layer(
-        self,
-        layer_inputs: tuple[torch.Tensor, ...],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        """For every candidate k in 0..L-1: the final-norm hidden state of the last prompt token
-        with withdrawal before layer k, shape (L, batch, hidden). ``layer_inputs[k]`` is layer k's
-        input on the full sequence, from one unmodified forward (``output_hidden_states``).
+    @torch.inference_mode()
+    def every_layer_last_hidden(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unmodified forward of ``inputs`` and, from it, for every candidate k in 0..L-1 the
+        final-norm hidden state of the last prompt token with withdrawal before layer k.
 
-        Calibration uses this to try every K from one pass. Each layer j runs once, over the kept
-        tokens of all candidates k <= j stacked along the batch; no KV cache.
+        Returns the unmodified model's last-position logits (batch, vocab) and the hidden states
+        (L, batch, hidden). Calibration uses this to try every K from one pass: the forward keeps
+        each layer's input; then each layer j runs once, over the kept tokens of all candidates
+        k <= j stacked along the batch, with no KV cache.
         """
-        plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
-        self.plan = None  # the layer hooks stay out of the way
-        batch = input_ids.shape[0]
-        cos, sin = self.language_model.rotary_emb(layer_inputs[0], position_ids=position_ids)
-        cos, sin = plan.gather(cos), plan.gather(sin)
-        kept_position_ids = plan.gather(position_ids.expand(batch, -1)[..., None])[..., 0]
+        saved, self._withdraw_layer = self._withdraw_layer, None
+        layer_kwargs = {}  # the positions the decoder gives its layers (3-row rotary for Qwen2-VL)
+        capture = self.language_model.layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs: layer_kwargs.update(kwargs), with_kwargs=True
+        )
+        try:
+            full = self.model(**inputs, output_hidden_states=True, use_cache=False)
+        finally:
+            capture.remove()
+            self._withdraw_layer = saved
+        plan = plan_withdrawal(inputs["input_ids"], inputs.get("attention_mask"), self.visual_token_ids)
+        cos, sin = (plan.gather(t) for t in layer_kwargs["position_embeddings"])
+        position_ids = layer_kwargs.get("position_ids")
+        if position_ids is not None:
+            position_ids = plan.gather(position_ids[..., None])[..., 0]
         hidden = None
         for index, layer in enumerate(self.language_model.layers):
-            candidate = plan.gather(layer_inputs[index])  # withdrawal before this layer joins
-            hidden = candidate if hidden is None else torch.cat([hidden, candidate])
+            candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
+            hidden = candidate if hidden is None else torch.cat([hidden, candidate], dim=0)
             copies = index + 1
             hidden = layer(
                 hidden,
-                attention_mask=self._make_mask(index, hidden, plan.kept_attention_mask.repeat(copies, 1), None),
-                position_embeddings=(cos.repeat(copies, 1, 1), sin.repeat(copies, 1, 1)),
-                position_ids=kept_position_ids.repeat(copies, 1),
+                attention_mask=self._make_mask(index, hidden, tile_batch(plan.kept_attention_mask, copies, 1), None),
+                position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
+                position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
                 past_key_values=None,
                 use_cache=False,
             )
         last = self.language_model.norm(hidden[:, -1])
-        return last.view(self.num_layers, batch, -1)
+        return full.logits[:, -1], last.view(self.num_layers, plan.kept_positions.shape[0], -1)
 
     def _start_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
@@ -226,7 +240,12 @@ class VisualTokenWithdrawal:
             total = self._seen_tokens + new_tokens
             if hasattr(getattr(self.model, "model", None), "get_rope_index"):
                 if attention_mask is None:
-                    kwargs = {**kwargs, "attention_mask": torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)}
+                    kwargs = {
+                        **kwargs,
+                        "attention_mask": torch.ones(
+                            input_ids.shape[0], total, dtype=torch.long, device=input_ids.device
+                        ),
+                    }
             else:
                 positions = torch.arange(self._seen_tokens, total, device=input_ids.device)
                 kwargs = {**kwargs, "position_ids": positions[None].expand(input_ids.shape[0], -1)}

@@ -6,7 +6,6 @@ manifest type: importing ``lmms_eval.models`` here, or torch, would break plugin
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-
 BACKENDS = {
     "vtw_llava": "vtw_eval.backends.llava.VTWLlava",
     "vtw_llava_onevision": "vtw_eval.backends.llava.VTWLlavaOnevision",

@@ -35,11 +35,36 @@ def run_lmms_eval(
     before = newest_results_file(output_path)
     launcher = []
     if processes > 1:  # `--cpu --num_processes N` starts one process; this form starts N, CPU or GPU
-        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher = [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     command = [
-        sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks,
-        "--include_path", str(include_path), "--output_path", str(output_path), "--verbosity", "DEBUG",
+        sys.executable,
+        *launcher,
+        "-m",
+        "lmms_eval",
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(include_path),
+        "--output_path",
+        str(output_path),
+        "--verbosity",
+        "DEBUG",
         *extra_args,
     ]
     Path(output_path).mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,14 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 WORDS = (
     "A chat between a curious user and an artificial intelligence assistant . The assistant gives "
     "helpful , detailed , and polite answers to the user's questions USER ASSISTANT : ? ! \n "
@@ -108,23 +115,34 @@ def tiny_vision_config(image_size: int = 32, patch_size: int = 8) -> CLIPVisionC
 
 
 def build_tiny_llava(
-    path: str | Path, num_layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"
+    path: str | Path,
+    num_layers: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    any_resolution: bool = False,
 ) -> Path:
-    """A LlavaForConditionalGeneration with random weights, saved with its processor."""
+    """A LlavaForConditionalGeneration (LLaVA-1.5) with random weights, saved with its processor;
+    with ``any_resolution`` a LlavaNextForConditionalGeneration (tiles and image-newline tokens)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = LlavaConfig(
+    common = dict(
         vision_config=tiny_vision_config(),
         text_config=tiny_text_config(len(tokenizer), num_layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
     )
+    sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if any_resolution:
+        grid = [[32, 32], [32, 64], [64, 32]]
+        config = LlavaNextConfig(**common, image_grid_pinpoints=grid)
+        model_class, processor_class = LlavaNextForConditionalGeneration, LlavaNextProcessor
+        image_processor = LlavaNextImageProcessor(**sizes, image_grid_pinpoints=grid)
+    else:
+        config = LlavaConfig(**common)
+        model_class, processor_class = LlavaForConditionalGeneration, LlavaProcessor
+        image_processor = CLIPImageProcessor(**sizes, do_center_crop=True)
     config._attn_implementation = attn_implementation
-    model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
-    )
-    processor = LlavaProcessor(
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=8,
@@ -132,34 +150,7 @@ def build_tiny_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
-    return _save(path, model, processor)
-
-
-def build_tiny_llava_next(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
-    """A LlavaNextForConditionalGeneration (any-resolution tiles and image newline tokens)."""
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    grid = [[32, 32], [32, 64], [64, 32]]
-    config = LlavaNextConfig(
-        vision_config=tiny_vision_config(),
-        text_config=tiny_text_config(len(tokenizer), num_layers),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=grid,
-        vision_feature_layer=-1,
-    )
-    model = LlavaNextForConditionalGeneration(config).eval()
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=grid
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
-    )
-    return _save(path, model, processor)
+    return _save(path, model_class(config).eval(), processor)
 
 
 def _save(path: str | Path, model, processor) -> Path:
@@ -186,19 +177,29 @@ def random_llava(
     """
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
         max_position_embeddings=4096,
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab_size - 1, vision_feature_layer=-1)
     return LlavaForConditionalGeneration(config).eval()
 
 
-def llava_prompt(model: LlavaForConditionalGeneration, text_before: int, text_after: int, batch_size: int = 1, seed: int = 0) -> dict:
+def llava_prompt(
+    model: LlavaForConditionalGeneration, text_before: int, text_after: int, batch_size: int = 1, seed: int = 0
+) -> dict:
     """Model inputs of a one-image prompt: ``text_before`` tokens, the image, ``text_after`` tokens."""
     generator = torch.Generator().manual_seed(seed)
     vision = model.config.vision_config
@@ -228,8 +229,14 @@ def build_tiny_llava_onevision(path: str | Path, num_layers: int = 4, seed: int 
     grid = [[32, 32], [32, 64], [64, 32]]
     text = Qwen2Config(**{**tiny_text_config(len(tokenizer), num_layers).to_dict(), "model_type": "qwen2"})
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=32, patch_size=8),
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
@@ -259,23 +266,41 @@ def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
     )
     if version == "2":
         vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
         names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
     elif version == "2.5":
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                      fullatt_block_indexes=[0], window_size=56)
+        vision = dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            fullatt_block_indexes=[0],
+            window_size=56,
+        )
         names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
     else:
         raise ValueError(f"version={version!r}: use '2' or '2.5'")
     config_class, model_class, processor_class = (getattr(transformers, name) for name in names)
     config = config_class(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     model = model_class(config).eval()
     pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)

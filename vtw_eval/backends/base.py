@@ -31,10 +31,10 @@ from vtw_eval.calibration import (
     layer_kl_divergences,
     load_calibration,
     model_file_stem,
-    write_atomically,
 )
 from vtw_eval.cost import DecoderGeometry, request_figures
 from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.files import write_atomically
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -132,7 +132,7 @@ class VTWBackend(lmms):
         kl_threshold: float = DEFAULT_KL_THRESHOLD,
         accounting_file: str | None = None,
         max_num_frames: int = 32,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it; batches are batch_size
         **kwargs,
     ) -> None:
         super().__init__()
@@ -170,7 +170,9 @@ class VTWBackend(lmms):
         else:
             self._device = self._model.device
 
-        self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        self.processor = AutoProcessor.from_pretrained(
+            pretrained, revision=revision, trust_remote_code=trust_remote_code
+        )
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues every row at the right end
         self.chat_template = chat_template
@@ -196,7 +198,9 @@ class VTWBackend(lmms):
         self.geometry = DecoderGeometry.from_config(self._model.config)
         self.kv_dtype_bytes = torch.finfo(self._model.dtype).bits // 8
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        default_accounting = Path("results/accounting") / f"{model_file_stem(pretrained)}_{stamp}_rank{self._rank}.jsonl"
+        default_accounting = (
+            Path("results/accounting") / f"{model_file_stem(pretrained)}_{stamp}_rank{self._rank}.jsonl"
+        )
         self.accounting_file = Path(accounting_file or default_accounting).resolve()
         if self._world_size > 1 and accounting_file:  # one file per process
             self.accounting_file = self.accounting_file.with_suffix(f".rank{self._rank}{self.accounting_file.suffix}")
@@ -331,12 +335,21 @@ class VTWBackend(lmms):
         for row in range(new_tokens.shape[0]):
             n = int(prompt_tokens[row]) if prompt_tokens is not None else inputs["input_ids"].shape[1]
             figures = request_figures(
-                self.geometry, n, int(visual[row].sum()), int(generated[row]), self.withdrawal.withdraw_layer,
+                self.geometry,
+                n,
+                int(visual[row].sum()),
+                int(generated[row]),
+                self.withdrawal.withdraw_layer,
                 self.kv_dtype_bytes,
             )
             records.append(
-                {**figures, "batch_size": new_tokens.shape[0], "batch_prefill_seconds": timer.prefill_seconds,
-                 "batch_decode_seconds": timer.decode_seconds, "batch_decode_steps": timer.decode_calls}
+                {
+                    **figures,
+                    "batch_size": new_tokens.shape[0],
+                    "batch_prefill_seconds": timer.prefill_seconds,
+                    "batch_decode_seconds": timer.decode_seconds,
+                    "batch_decode_steps": timer.decode_calls,
+                }
             )
         return [text.strip() for text in texts], records, timer
 
@@ -364,7 +377,9 @@ class VTWBackend(lmms):
                 "kv_cache_mb_vtw": mean("kv_cache_bytes_vtw") / 2**20,
                 "kv_cache_saved": mean("kv_cache_saved"),
                 "prefill_seconds_per_batch": sum(t.prefill_seconds for t in timers) / len(timers),
-                "decode_seconds_per_step": sum(t.decode_seconds for t in timers) / decode_steps if decode_steps else 0.0,
+                "decode_seconds_per_step": sum(t.decode_seconds for t in timers) / decode_steps
+                if decode_steps
+                else 0.0,
             },
         )
         lines = "".join(json.dumps(record) + "\n" for record in records)
