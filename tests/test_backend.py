@@ -134,3 +134,9 @@ def test_parse_withdraw_layer_rejects(value):
 def test_unknown_model_args_are_refused(tiny_llava_path):
     with pytest.raises(ValueError, match="Unknown model_args.*withdraw_layers"):
         VTWLlava(pretrained=str(tiny_llava_path), withdraw_layers=3, device="cpu")
+
+
+@pytest.mark.parametrize("value", ["abc", "-0.1", "nan"])
+def test_bad_kl_threshold_is_refused(tiny_llava_path, value):
+    with pytest.raises(ValueError, match=f"kl_threshold='{value}' is not accepted; use a number >= 0"):
+        VTWLlava(pretrained=str(tiny_llava_path), device="cpu", kl_threshold=value)

@@ -131,7 +131,10 @@ def test_multiple_choice_answers_compare_the_chosen_option(tmp_path, capsys):
         folder = tmp_path / name
         folder.mkdir()
         results_file(folder / "x_results.json", {"mc": {"acc,none": 0.5}})
-        lines = [json.dumps({"doc_id": i, "filtered_resps": [str(p) for p in pairs]}) for i, pairs in enumerate(pairs_per_doc)]
+        lines = [
+            json.dumps({"doc_id": i, "filtered_resps": [str(p) for p in pairs]})
+            for i, pairs in enumerate(pairs_per_doc)
+        ]
         (folder / "x_samples_mc.jsonl").write_text("\n".join(lines))
         return folder / "x_results.json"
 

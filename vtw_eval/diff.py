@@ -59,7 +59,12 @@ def find_results_file(path: Path) -> Path:
 
 
 def _number(value) -> float | None:
-    """A metric value as a float; None for lmms-eval's "N/A", NaN and non-numbers."""
+    """A value as a float (numbers and numeric strings); None for "N/A", NaN and anything else."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return None if math.isnan(value) else float(value)
@@ -120,7 +125,7 @@ def metric_rows(runs: list[Run]) -> list[dict]:
 def efficiency_rows(runs: list[Run]) -> list[dict]:
     """Wall time and, when the backend logged them, the VTW figures under ``throughput``."""
     rows = []
-    wall = [_number(_as_float(run.data.get("total_evaluation_time_seconds"))) for run in runs]
+    wall = [_number(run.data.get("total_evaluation_time_seconds")) for run in runs]
     if any(v is not None for v in wall):
         rows.append({"figure": "wall time (s)", **{run.label: v for run, v in zip(runs, wall)}})
     for key in EFFICIENCY_KEYS:
@@ -128,13 +133,6 @@ def efficiency_rows(runs: list[Run]) -> list[dict]:
         if any(v is not None for v in values):
             rows.append({"figure": key, **{run.label: v for run, v in zip(runs, values)}})
     return rows
-
-
-def _as_float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:

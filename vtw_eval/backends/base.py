@@ -182,8 +182,11 @@ class VTWBackend(lmms):
 
         self.withdrawal = VisualTokenWithdrawal(self._model, withdraw_layer=None)
         self.config_hash = config_hash(self._model.config)
-        self.kl_threshold = float(kl_threshold)
-        if not self.kl_threshold >= 0:
+        try:
+            self.kl_threshold = float(kl_threshold)
+        except (TypeError, ValueError):
+            self.kl_threshold = float("nan")
+        if not self.kl_threshold >= 0:  # also refuses NaN
             raise ValueError(f"kl_threshold={kl_threshold!r} is not accepted; use a number >= 0")
         # Where `withdraw_layer=auto` reads the chosen K and where a vtw_calibration run writes it.
         default_file = Path(calibration_dir) / f"{model_file_stem(pretrained)}.json"

@@ -1,0 +1,83 @@
+"""Evaluate the testbed at every withdrawal layer K = 0..L through the lmms-eval CLI and plot each
+task's score against K, next to the calibration's mean KL per layer.
+
+    python scripts/sweep_testbed.py      # after `make demo`, which writes the calibration file
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vtw_eval.calibration import model_file_stem
+from vtw_eval.diff import load_run
+from vtw_eval.files import write_atomically
+from vtw_eval.run import REPO_ROOT, run_lmms_eval
+from vtw_eval.testbed.tasks import BEST, CHANCE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(REPO_ROOT / "testbed" / "model"))
+    parser.add_argument("--calibration-dir", default=str(REPO_ROOT / "results" / "demo" / "calibration"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "sweep"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    calibration = json.loads((Path(args.calibration_dir) / f"{model_file_stem(args.model)}.json").read_text())
+    num_layers = calibration["num_layers"]
+    out = Path(args.out)
+
+    scores = {task: [] for task in CHANCE}
+    for layer in tqdm(range(num_layers + 1), desc="withdraw_layer"):
+        model_args = f"pretrained={args.model},device=cpu,withdraw_layer={layer},accounting_file={out}/k{layer}.jsonl"
+        run = load_run(run_lmms_eval("vtw_llava", model_args, "vtw_testbed", out / f"k{layer}", "--batch_size", "8"))
+        for task, (metric, _) in CHANCE.items():
+            scores[task].append(run.metrics[(task, metric)]["value"])
+    write_atomically(
+        out / "sweep.json", (json.dumps({"scores": scores, "calibration": calibration}, indent=2) + "\n").encode()
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (scores_axes, kl_axes) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    layers = range(num_layers + 1)
+    for task, (metric, chance) in CHANCE.items():
+        best = BEST.get(metric) or max(v for v in scores[task] if v is not None) or 1.0
+        label = task.removeprefix("vtw_testbed_")
+        scores_axes.plot(layers, [v / best for v in scores[task]], marker="o", label=f"{label} ({metric})")
+    scores_axes.axvline(
+        calibration["withdraw_layer"],
+        color="green",
+        linestyle=":",
+        label=f"calibrated K={calibration['withdraw_layer']}",
+    )
+    scores_axes.set_ylabel("score / best (CIDEr / its max)")
+    scores_axes.legend(fontsize=7)
+    kl_axes.plot(
+        range(num_layers), calibration["mean_kl"][:-1], color="black", marker="o", label="mean KL(p_k || p_full)"
+    )
+    kl_axes.axhline(
+        calibration["kl_threshold"], color="red", linestyle="--", label=f"threshold {calibration['kl_threshold']}"
+    )
+    kl_axes.set_yscale("log")
+    kl_axes.set_xlabel("withdrawal layer K (K = L: no withdrawal)")
+    kl_axes.legend(fontsize=7)
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    write_atomically(out / "sweep.png", png.getvalue())
+    print(json.dumps(scores, indent=1))
+    print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+
+
+if __name__ == "__main__":
+    main()

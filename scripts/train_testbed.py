@@ -1,0 +1,28 @@
+"""Train the testbed LLaVA on CPU (seeded, reproducible) and save it with its manifest.
+
+python scripts/train_testbed.py --out testbed/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from vtw_eval.testbed.train import train_and_save
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="testbed/model")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--examples-per-task", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(json.dumps(train_and_save(args.out, args.steps, args.examples_per_task, args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Miniature copies of the standard benchmarks, in the schemas of the hub datasets lmms-eval loads.
+
+Each builder turns a scene into one doc of its task (or two, for MME's yes/no pairs). Training
+examples are made by the same builders from other seeds, and their prompts by lmms-eval's own
+``doc_to_text`` functions, so the model is trained on exactly the prompts it is evaluated with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from lmms_eval.tasks.coco_cap.utils import coco_doc_to_text
+from lmms_eval.tasks.gqa.utils import gqa_doc_to_text
+from lmms_eval.tasks.mmbench.en_utils import mmbench_doc_to_text
+from lmms_eval.tasks.mme.utils import mme_doc_to_text
+from lmms_eval.tasks.pope.utils import pope_doc_to_text
+from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_target, sqa_doc_to_text
+from lmms_eval.tasks.textvqa.utils import textvqa_doc_to_text
+
+from vtw_eval.testbed.scenes import COLOURS, NUMBER_WORDS, SHAPES, Scene, random_scene, render
+
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTER = "\nAnswer with the option's letter from the given choices directly."
+LETTERS = "ABCD"
+
+
+def _unique_shape_item(scene: Scene, rng: random.Random):
+    """An item whose shape occurs once in the scene, so 'the <shape>' names it."""
+    unique = [i for i in scene.items if sum(j.shape == i.shape for j in scene.items) == 1]
+    return rng.choice(unique) if unique else None
+
+
+def _absent(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    while True:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if not scene.has(colour, shape):
+            return colour, shape
+
+
+def mme_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]:
+    """A yes and a no question about one image (MME scores the pair)."""
+    item = rng.choice(scene.items)
+    category = rng.choice(["existence", "count", "position", "color"])
+    if category == "existence":
+        colour, shape = _absent(scene, rng)
+        questions = [f"Is there a {item.name} in the image?", f"Is there a {colour} {shape} in the image?"]
+    elif category == "count":
+        wrong = rng.choice([n for n in range(1, 4) if n != len(scene.items)])
+        questions = [f"Are there {NUMBER_WORDS[n]} shapes in the image?" for n in (len(scene.items), wrong)]
+    elif category == "position":
+        side, other = ("left", "right") if "left" in item.quadrant else ("right", "left")
+        questions = [f"Is the {item.name} on the {s} of the image?" for s in (side, other)]
+    else:
+        other = rng.choice([c for c in COLOURS if c != item.colour])
+        questions = [f"Is the {item.shape} {c}?" for c in (item.colour, other)] if len(scene.items) == 1 else None
+        if questions is None:
+            colour, shape = _absent(scene, rng)
+            questions, category = (
+                [f"Is there a {item.name} in the image?", f"Is there a {colour} {shape} in the image?"],
+                "existence",
+            )
+    return [
+        {
+            "question_id": f"testbed/{index:05d}.png",
+            "question": q + " Please answer yes or no.",
+            "answer": a,
+            "category": category,
+            "image": image,
+        }
+        for q, a in zip(questions, ("Yes", "No"))
+    ]
+
+
+def pope_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]:
+    present = sorted({item.shape for item in scene.items})
+    missing = [shape for shape in SHAPES if shape not in present]
+    if missing and rng.random() < 0.5:
+        shape, answer = rng.choice(missing), "no"
+    else:
+        shape, answer = rng.choice(present), "yes"
+    return [
+        {
+            "question_id": str(index),
+            "question": f"Is there a {shape} in the image?",
+            "answer": answer,
+            "image_source": f"testbed_{index:05d}",
+            "image": image,
+            "category": rng.choice(["adversarial", "popular", "random"]),
+        }
+    ]
+
+
+def gqa_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]:
+    item = _unique_shape_item(scene, rng)
+    if item is not None and rng.random() < 0.5:
+        question, answer = f"What color is the {item.shape}?", item.colour
+    else:
+        item = rng.choice(scene.items)
+        question, answer = f"What shape is in the {item.quadrant} of the image?", item.shape
+    return [
+        {
+            "id": str(index),
+            "imageId": f"testbed{index}",
+            "question": question,
+            "answer": answer,
+            "fullAnswer": f"The answer is {answer}.",
+            "image": image,
+        }
+    ]
+
+
+def scienceqa_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]:
+    item = rng.choice(scene.items)
+    choices = [item.colour, *rng.sample([c for c in COLOURS if c != item.colour], 3)]
+    rng.shuffle(choices)
+    return [
+        {
+            "image": image,
+            "question": f"Which color is the {item.shape} in the {item.quadrant}?",
+            "choices": choices,
+            "answer": choices.index(item.colour),
+            "hint": "",
+            "task": "closed choice",
+            "grade": "grade1",
+            "subject": "natural science",
+            "topic": "colors",
+            "category": "Colors",
+            "skill": "Identify colors",
+            "lecture": "",
+            "solution": "",
+        }
+    ]
+
+
+def mmbench_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]:
+    count = len(scene.items)
+    options = [NUMBER_WORDS[n] for n in (1, 2, 3, 4)]
+    return [
+        {
+            "index": index,
+            "question": "How many shapes are in the image?",
+            "hint": "nan",
+            **dict(zip(LETTERS, options)),
+            "answer": LETTERS[count - 1],
+            "category": "object_counting",
+            "image": image,
+            "source": "testbed",
+            "L2-category": "fine-grained perception (instance-level)",
+            "comment": "nan",
+            "split": "dev",
+        }
+    ]
+
+
+def textvqa_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]:
+    answer = str(scene.digit)
+    return [
+        {
+            "image_id": f"testbed{index}",
+            "question_id": index,
+            "question": "what number is written in the image?",
+            "question_tokens": ["what", "number", "is", "written", "in", "the", "image"],
+            "image": image,
+            "image_width": 64,
+            "image_height": 64,
+            "flickr_original_url": "",
+            "flickr_300k_url": "",
+            "answers": [answer] * 10,
+            "image_classes": ["number"],
+            "set_name": "val",
+            "ocr_tokens": [answer],
+        }
+    ]
+
+
+def coco_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]:
+    caption = scene.caption()
+    variants = [
+        caption,
+        caption.replace(" a ", " one ", 1),
+        caption.replace(" .", " in the picture ."),
+        f"a picture of {caption}",
+        caption.replace("a ", "one ", 1),
+    ]
+    return [
+        {
+            "question_id": f"COCO_val2017_{index:012d}.jpg",
+            "image": image,
+            "question": "Please carefully observe the image and come up with a caption for the image.",
+            "answer": variants,
+            "id": index,
+            "license": 1,
+            "file_name": f"{index:012d}.jpg",
+            "coco_url": "",
+            "height": 64,
+            "width": 64,
+            "date_captured": "2026-11-24",
+        }
+    ]
+
+
+# task -> (doc builder, scene uses a digit, lmms-eval's doc_to_text with its default prompt, target)
+TASKS: dict[str, tuple[Callable, bool, Callable[[dict], str], Callable[[dict], str]]] = {
+    "mme": (
+        mme_docs,
+        False,
+        lambda d: mme_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
+        lambda d: d["answer"],
+    ),
+    "pope": (
+        pope_docs,
+        False,
+        lambda d: pope_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
+        lambda d: d["answer"].capitalize(),
+    ),
+    "gqa": (
+        gqa_docs,
+        False,
+        lambda d: gqa_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
+        lambda d: d["answer"],
+    ),
+    "scienceqa_img": (
+        scienceqa_docs,
+        False,
+        lambda d: sqa_doc_to_text(d, {"format": "default", "pre_prompt": "", "post_prompt": LETTER}),
+        sqa_doc_to_target,
+    ),
+    "mmbench_en_dev": (
+        mmbench_docs,
+        False,
+        lambda d: mmbench_doc_to_text(d, {"post_prompt": LETTER.strip()}),
+        lambda d: d["answer"],
+    ),
+    "textvqa_val": (
+        textvqa_docs,
+        True,
+        lambda d: textvqa_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
+        lambda d: d["answers"][0],
+    ),
+    "coco2017_cap_val": (coco_docs, False, coco_doc_to_text, lambda d: d["answer"][0]),
+}
+
+
+# Main metric of each testbed task (as lmms-eval names it), its chance level and its best value.
+# MME sums acc + acc+ (each 0..100) over its 4 categories: guessing gives 50 + 25 per category.
+# GQA asks a colour (1 of 4) or a shape (1 of 3); TextVQA a digit (1 of 10). COCO captions have no
+# chance level: K=0 (captions without the image) is their reference.
+CHANCE: dict[str, tuple[str, float | None]] = {
+    "vtw_testbed_mme": ("mme_perception_score", 4 * 75.0),
+    "vtw_testbed_gqa": ("exact_match", 0.3),
+    "vtw_testbed_scienceqa_img": ("exact_match", 0.25),
+    "vtw_testbed_mmbench_en_dev": ("gpt_eval_score", 25.0),
+    "vtw_testbed_textvqa_val": ("exact_match", 0.1),
+    "vtw_testbed_pope": ("pope_accuracy", 0.5),
+    "vtw_testbed_coco2017_cap_val": ("coco_CIDEr", None),
+}
+BEST = {"mme_perception_score": 800.0, "gpt_eval_score": 100.0, "exact_match": 1.0, "pope_accuracy": 1.0}
+
+
+def check_claims(rows: list[dict], baseline: str, vtw: str, k0: str) -> list[tuple[str, bool, str]]:
+    """The testbed's three claims, on vtw-diff rows (vtw_eval.diff.metric_rows) of the three runs.
+
+    Scores are compared as fractions of each metric's range from chance to best:
+    (a) the baseline closes at least half of the gap from chance to best, on every task;
+    (b) at K=0 at most a fifth of it remains, on every task (all need the image);
+    (c) VTW is within 2 percentage points of the metric's full range of the baseline.
+    """
+    by_task = {(row["task"], row["metric"]): row for row in rows}
+    found = {"a": [], "b": [], "c": []}
+    for task, (metric, chance) in CHANCE.items():
+        row = by_task.get((task, metric))
+        if row is None or chance is None:
+            continue
+        gap = BEST[metric] - chance
+        found["a"].append((task, (row[baseline] - chance) / gap >= 0.5, f"{row[baseline]:.3g}"))
+        found["b"].append((task, (row[k0] - chance) / gap <= 0.2, f"{row[k0]:.3g}"))
+        found["c"].append(
+            (task, abs(row[vtw] - row[baseline]) <= 0.02 * BEST[metric], f"{row[vtw] - row[baseline]:+.3g}")
+        )
+    claims = {
+        "a": "(a) baseline far above chance",
+        "b": "(b) near chance at K=0",
+        "c": "(c) VTW within 2 points of baseline",
+    }
+    return [
+        (
+            claims[key],
+            bool(items) and all(ok for _, ok, _ in items),
+            ", ".join(f"{t.removeprefix('vtw_testbed_')} {d}" for t, _, d in items),
+        )
+        for key, items in found.items()
+    ]
+
+
+def image_key(image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+def make_docs(task: str, num_scenes: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """Docs of ``num_scenes`` scenes; a scene whose picture is in ``exclude`` (by image_key) is redrawn."""
+    builder, digit, _, _ = TASKS[task]
+    rng = random.Random(f"{task}-{seed}")
+    docs = []
+    index = 0
+    while index < num_scenes:
+        scene = random_scene(rng, with_digit=digit)
+        image = render(scene, rng)
+        if image_key(image) in exclude:
+            continue
+        docs += builder(scene, image, index, rng)
+        index += 1
+    return docs
+
+
+def training_examples(num_per_task: int, seed: int) -> list[tuple]:
+    """(image, task prompt as lmms-eval builds it, answer) for every task, shuffled."""
+    examples = []
+    for task, (_, _, doc_to_text, target) in TASKS.items():
+        for doc in make_docs(task, num_per_task, seed):
+            examples.append((doc["image"], doc_to_text(doc), target(doc)))
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def write_datasets(out: str | Path, num_scenes: int, seed: int, training_per_task: int, training_seed: int) -> dict:
+    """Every task's evaluation docs, saved with ``save_to_disk`` under ``out/<task>`` (split ``test``).
+
+    Pictures that occur in the training set (``training_examples(training_per_task, training_seed)``)
+    are redrawn, so evaluation images are held out.
+    """
+    from datasets import Dataset, DatasetDict
+
+    seen = frozenset(image_key(image) for image, _, _ in training_examples(training_per_task, training_seed))
+    sizes = {}
+    for task in TASKS:
+        docs = make_docs(task, num_scenes, seed, exclude=seen)
+        DatasetDict({"test": Dataset.from_list(docs)}).save_to_disk(str(Path(out) / task))
+        sizes[task] = len(docs)
+    return sizes
