@@ -64,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         headers=["task", "metric", "chance"],
         tablefmt="github",
     )
-    claims = check_claims(rows, *labels.values())
+    claims = check_claims(rows, *labels.values(), withdraw_layer=k, num_layers=record["num_layers"])
     verdicts = "\n".join(f"- {claim}: {'met' if ok else 'NOT met'} ({detail})" for claim, ok, detail in claims)
     text = f"{summary}\n\nChance levels:\n\n{chance}\n\nClaims:\n{verdicts}\n"
     print(text)
     write_atomically(out / "summary.md", text.encode())
-    print(f"wrote {out / 'summary.md'}")
+    claims_record = {"withdraw_layer": k, "claims": [{"claim": c, "met": ok, "detail": d} for c, ok, d in claims]}
+    write_atomically(out / "claims.json", (json.dumps(claims_record, indent=2) + "\n").encode())
+    print(f"wrote {out / 'summary.md'} and {out / 'claims.json'}")
     return 0
 
 

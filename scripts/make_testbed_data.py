@@ -17,7 +17,7 @@ from vtw_eval.testbed.tasks import write_datasets
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO_ROOT / "tasks" / "vtw_testbed" / "data"))
-    parser.add_argument("--scenes", type=int, default=40, help="scenes per task (MME asks two questions each)")
+    parser.add_argument("--scenes", type=int, default=100, help="scenes per task (MME asks two questions each)")
     parser.add_argument("--seed", type=int, default=1_000_000)
     parser.add_argument(
         "--manifest",

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(REPO_ROOT / "testbed" / "model"))
     parser.add_argument("--calibration-dir", default=str(REPO_ROOT / "results" / "demo" / "calibration"))
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "sweep"))
+    parser.add_argument("--limit", type=int, help="docs per task (a quick check); default all")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -34,9 +35,11 @@ def main() -> None:
     out = Path(args.out)
 
     scores = {task: [] for task in CHANCE}
+    options = ["--batch_size", "8", *(["--limit", str(args.limit)] if args.limit else [])]
     for layer in tqdm(range(num_layers + 1), desc="withdraw_layer"):
         model_args = f"pretrained={args.model},device=cpu,withdraw_layer={layer},accounting_file={out}/k{layer}.jsonl"
-        run = load_run(run_lmms_eval("vtw_llava", model_args, "vtw_testbed", out / f"k{layer}", "--batch_size", "8"))
+        results_file = run_lmms_eval("vtw_llava", model_args, "vtw_testbed", out / f"k{layer}", *options)
+        run = load_run(results_file)
         for task, (metric, _) in CHANCE.items():
             scores[task].append(run.metrics[(task, metric)]["value"])
     write_atomically(

@@ -16,12 +16,13 @@ from vtw_eval.testbed.train import train_and_save
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="testbed/model")
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--examples-per-task", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=7000)
+    parser.add_argument("--examples-per-task", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(json.dumps(train_and_save(args.out, args.steps, args.examples_per_task, args.seed), indent=2))
+    manifest = train_and_save(args.out, args.steps, args.examples_per_task, args.seed)
+    print(json.dumps(manifest, indent=2))
 
 
 if __name__ == "__main__":

@@ -87,9 +87,11 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 WRITER = """
-import sys, itertools
+import sys, itertools, signal
 from pathlib import Path
 from vtw_eval.files import write_atomically
+# A background job inherits SIGINT ignored; a user's Ctrl-C raises KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 target = Path(sys.argv[1])
 print("ready", flush=True)
 for i in itertools.count():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 from datasets import load_from_disk
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -28,7 +31,7 @@ def test_generator_is_deterministic_per_seed():
 def test_evaluation_images_are_held_out_from_training():
     manifest = json.loads((MODEL / "manifest.json").read_text())
     trained_on = {
-        image_key(image) for image, _, _ in training_examples(manifest["examples_per_task"], manifest["seed"])
+        image_key(example.image) for example in training_examples(manifest["examples_per_task"], manifest["seed"])
     }
     for task in TASKS:
         images = {image_key(doc["image"].convert("RGB")) for doc in load_from_disk(str(DATA / task))["test"]}
@@ -38,7 +41,8 @@ def test_evaluation_images_are_held_out_from_training():
 def test_a_few_training_steps_lower_the_loss():
     examples = training_examples(10, seed=5)
     model, processor = build_testbed(examples, seed=5)
-    losses = train(model, processor, examples, steps=12, batch_size=16, progress=False)
+    curriculum = ((3, ("coco2017_cap_val",)), (3, ("mme", "pope")))  # then 6 mixed steps, half withdrawn
+    losses = train(model, processor, examples, steps=12, curriculum=curriculum, batch_size=16, progress=False)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
 
 
@@ -72,3 +76,32 @@ def test_miniature_benchmarks_load_through_lmms_eval_task_code():
         docs = task.test_docs()
         assert len(docs) >= 40
         assert isinstance(task.doc_to_text(docs[0]), str) and task.doc_to_visual(docs[0])
+
+
+@pytest.fixture(scope="module")
+def demo_claims(tmp_path_factory) -> dict[str, bool]:
+    """The main job end to end (calibrate, baseline, VTW at the calibrated K, K=0); claim letter ->
+    met. All docs: lmms-eval's start-up dominates (a 40-doc subset takes as long), and on a subset
+    POPE's answer prior is no longer balanced."""
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--out", str(out)],
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    record = json.loads((out / "claims.json").read_text())
+    return {claim["claim"][1]: claim["met"] for claim in record["claims"]}
+
+
+def test_demo_near_chance_at_k0(demo_claims):
+    assert demo_claims["b"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4 open: the testbed has not learned POPE and MME's position questions")
+def test_demo_baseline_far_above_chance(demo_claims):
+    assert demo_claims["a"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4 open: calibration finds no K < L under KL 0.003 on the testbed")
+def test_demo_vtw_at_calibrated_k_within_2_points(demo_claims):
+    assert demo_claims["c"]

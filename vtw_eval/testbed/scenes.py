@@ -41,7 +41,7 @@ class Scene:
     def caption(self) -> str:
         if self.digit is not None:
             return f"the number {NUMBER_WORDS[self.digit]} written in black ."
-        names = [f"a {item.name}" for item in self.items]
+        names = [f"a {item.name} at the {item.quadrant}" for item in self.items]
         return (" and ".join(names) if len(names) < 3 else f"{names[0]} , {names[1]} and {names[2]}") + " ."
 
 

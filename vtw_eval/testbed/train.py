@@ -1,6 +1,15 @@
 """The testbed LLaVA: a real LlavaForConditionalGeneration (CLIP tower, LLaVA projector, 8-layer
 Llama decoder) with a word-level tokenizer, trained from scratch on the testbed tasks' prompts.
 
+Training runs a curriculum (CURRICULUM): captions only first, like LLaVA's alignment stage (the
+vision tower and projector learn to say what is where), then the yes/no tasks only (comparing a
+question with the picture is learnt far slower inside the full mix), then every task. In that last
+stage half of the steps withdraw the visual tokens
+before a random layer of the upper half (``VisualTokenWithdrawal``, the engine the backends use):
+large LLaVA models move the visual information into the text tokens by their middle layers (the
+premise of VTW, measured in the paper); a decoder this small and this briefly trained does not on
+its own, so the testbed is taught it. Which K is safe is still left to calibration to find.
+
 ``scripts/train_testbed.py`` runs it; the trained weights are committed under testbed/model.
 """
 
@@ -18,18 +27,21 @@ from tokenizers import pre_tokenizers
 from tqdm import tqdm
 from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from vtw_eval.testbed.tasks import training_examples
+from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.testbed.tasks import Example, training_examples
 from vtw_eval.tiny_models import CHAT_TEMPLATE, build_tokenizer, tiny_text_config, tiny_vision_config
 
 IMAGE_SIZE, PATCH_SIZE = 64, 8  # 64 visual tokens per image
 NUM_LAYERS = 8
+# (steps, tasks) stages that run before every task is mixed in.
+CURRICULUM = ((800, ("coco2017_cap_val",)), (1500, ("mme", "pope")))
 
 
-def build_testbed(examples: list[tuple], seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_testbed(examples: list[Example], seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised testbed model whose vocabulary covers every word of ``examples``."""
     torch.manual_seed(seed)
     split = pre_tokenizers.Whitespace()
-    words = sorted({w for _, prompt, answer in examples for w, _ in split.pre_tokenize_str(f"{prompt} {answer}")})
+    words = sorted({w for e in examples for w, _ in split.pre_tokenize_str(f"{e.prompt} {e.answer}")})
     tokenizer = build_tokenizer(extra_words=words)
     text = tiny_text_config(len(tokenizer), NUM_LAYERS)
     text.hidden_size, text.intermediate_size, text.num_key_value_heads = 128, 352, 4
@@ -42,6 +54,9 @@ def build_testbed(examples: list[tuple], seed: int = 0) -> tuple[LlavaForConditi
         vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
+    # CLIP's default (std 0.02) leaves patches at different places nearly alike after its first
+    # layer norm; where a shape is matters to most questions, so positions start distinct.
+    torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=0.5)
     sizes = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(**sizes, do_center_crop=True),
@@ -54,11 +69,11 @@ def build_testbed(examples: list[tuple], seed: int = 0) -> tuple[LlavaForConditi
     return model, processor
 
 
-def encode_examples(processor: LlavaProcessor, examples: list[tuple]) -> list[dict]:
+def encode_examples(processor: LlavaProcessor, examples: list[Example]) -> list[dict]:
     """Token ids and labels (answer and end-of-sequence only) as the vtw_llava backend prompts."""
     tokenizer = processor.tokenizer
     encoded = []
-    for image, prompt, answer in examples:
+    for _, image, prompt, answer in examples:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "<image>\n" + prompt}], tokenize=False, add_generation_prompt=True
         )
@@ -86,36 +101,64 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) positions."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 def train(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
-    examples: list[tuple],
+    examples: list[Example],
     steps: int,
-    batch_size: int = 32,
-    learning_rate: float = 2e-3,
+    curriculum: tuple[tuple[int, tuple[str, ...]], ...] = (),
+    withdrawal_share: float = 0.5,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """AdamW with warm-up and cosine decay; returns the loss of every step."""
+    """AdamW with warm-up and cosine decay over ``steps``: first the ``curriculum`` stages, each
+    drawing only its tasks' examples, then every example, with ``withdrawal_share`` of those steps
+    run with withdrawal before a random layer of the upper half of the decoder. Returns the loss
+    of every step."""
     torch.manual_seed(seed)
     order = random.Random(seed)
     data = encode_examples(processor, examples)
+    stages = []  # (last step + 1, pool) of each curriculum stage
+    for stage_steps, tasks in curriculum:
+        pool = [item for item, example in zip(data, examples) if example.task in tasks]
+        stages.append(((stages[-1][0] if stages else 0) + stage_steps, pool))
+    mixed_from = stages[-1][0] if stages else 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     warmup = max(steps // 20, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     )
+    withdrawal = VisualTokenWithdrawal(model, None)
+    num_layers = withdrawal.num_layers
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="training", disable=not progress):
-        batch = collate(order.sample(data, min(batch_size, len(data))), processor.tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+    try:
+        for step in tqdm(range(steps), desc="training", disable=not progress):
+            pool = next((pool for end, pool in stages if step < end), data)
+            batch = collate(order.sample(pool, min(batch_size, len(pool))), processor.tokenizer.pad_token_id)
+            labels = batch.pop("labels")
+            withdraw = step >= mixed_from and order.random() < withdrawal_share
+            withdrawal.withdraw_layer = order.randrange(num_layers // 2, num_layers) if withdraw else None
+            logits = model(**batch, use_cache=False).logits
+            if withdrawal.plan is not None:  # logits are over the kept positions only
+                kept = withdrawal.plan
+                labels = labels[kept.batch_rows, kept.kept_positions].masked_fill(~kept.kept_attention_mask, -100)
+            loss = answer_loss(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+    finally:
+        withdrawal.remove()
     model.eval()
     return losses
 
@@ -125,13 +168,14 @@ def train_and_save(out: str | Path, steps: int, examples_per_task: int, seed: in
     start = time.time()
     examples = training_examples(examples_per_task, seed)
     model, processor = build_testbed(examples, seed)
-    losses = train(model, processor, examples, steps, seed=seed)
+    losses = train(model, processor, examples, steps, CURRICULUM, seed=seed)
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     manifest = {
         "seed": seed,
         "steps": steps,
+        "curriculum": [[stage_steps, list(tasks)] for stage_steps, tasks in CURRICULUM],
         "examples_per_task": examples_per_task,
         "training_examples": len(examples),
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
