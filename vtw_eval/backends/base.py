@@ -6,6 +6,7 @@ request's context and visuals become a prompt; the withdrawal itself is ``vtw_ev
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -146,6 +147,10 @@ class VTWBackend(lmms):
 
         # Data-parallel runs (accelerate launch, torchrun) set these; lmms-eval stripes docs by them.
         self.accelerator = Accelerator()
+        if torch.distributed.is_initialized():
+            # lmms-eval never tears the process group down; left to interpreter exit, a gloo rank
+            # can abort ("terminate called without an active exception") and fail the launch.
+            atexit.register(_destroy_process_group)
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         if device is None:
@@ -440,3 +445,8 @@ class VTWBackend(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__} does not implement multi-round generation")
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
