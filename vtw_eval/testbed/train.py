@@ -2,13 +2,14 @@
 Llama decoder) with a word-level tokenizer, trained from scratch on the testbed tasks' prompts.
 
 Training runs a curriculum (CURRICULUM): captions only first, like LLaVA's alignment stage (the
-vision tower and projector learn to say what is where), then the yes/no tasks only (comparing a
-question with the picture is learnt far slower inside the full mix), then every task. In that last
-stage half of the steps withdraw the visual tokens
-before a random layer of the upper half (``VisualTokenWithdrawal``, the engine the backends use):
-large LLaVA models move the visual information into the text tokens by their middle layers (the
-premise of VTW, measured in the paper); a decoder this small and this briefly trained does not on
-its own, so the testbed is taught it. Which K is safe is still left to calibration to find.
+vision tower and projector learn to say what is where), then every task and the training-only
+questions (``training_examples``). In that second stage half of the steps withdraw the visual tokens
+before a random layer of the upper half (``VisualTokenWithdrawal``, the engine the backends use),
+and those steps also pull the withdrawn answer distribution towards the one with every token
+(KL(withdrawn || full), the quantity calibration measures): large LLaVA models move the visual
+information into the text tokens by their middle layers (the premise of VTW, measured in the
+paper); a decoder this small and this briefly trained does not on its own, so the testbed is taught
+it. Which K is safe is still left to calibration to find.
 
 ``scripts/train_testbed.py`` runs it; the trained weights are committed under testbed/model.
 """
@@ -34,7 +35,7 @@ from vtw_eval.tiny_models import CHAT_TEMPLATE, build_tokenizer, tiny_text_confi
 IMAGE_SIZE, PATCH_SIZE = 64, 8  # 64 visual tokens per image
 NUM_LAYERS = 8
 # (steps, tasks) stages that run before every task is mixed in.
-CURRICULUM = ((800, ("coco2017_cap_val",)), (1500, ("mme", "pope")))
+CURRICULUM = ((800, ("coco2017_cap_val",)),)
 
 
 def build_testbed(examples: list[Example], seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -106,6 +107,14 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def withdrawn_kl(logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(withdrawn || full) of the next-token distributions at the labelled positions."""
+    answer = labels[:, 1:] != -100
+    withdrawn = torch.log_softmax(logits[:, :-1][answer], dim=-1)
+    full = torch.log_softmax(full_logits[:, :-1][answer], dim=-1)
+    return (withdrawn.exp() * (withdrawn - full)).sum(-1).mean()
+
+
 def train(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -113,6 +122,7 @@ def train(
     steps: int,
     curriculum: tuple[tuple[int, tuple[str, ...]], ...] = (),
     withdrawal_share: float = 0.5,
+    distill_weight: float = 1.0,
     batch_size: int = 16,
     learning_rate: float = 1e-3,
     seed: int = 0,
@@ -120,8 +130,9 @@ def train(
 ) -> list[float]:
     """AdamW with warm-up and cosine decay over ``steps``: first the ``curriculum`` stages, each
     drawing only its tasks' examples, then every example, with ``withdrawal_share`` of those steps
-    run with withdrawal before a random layer of the upper half of the decoder. Returns the loss
-    of every step."""
+    run with withdrawal before a random layer of the upper half of the decoder, their loss adding
+    ``distill_weight`` times withdrawn_kl against the same batch without withdrawal (no gradient
+    through that one). Returns the loss of every step."""
     torch.manual_seed(seed)
     order = random.Random(seed)
     data = encode_examples(processor, examples)
@@ -145,12 +156,21 @@ def train(
             batch = collate(order.sample(pool, min(batch_size, len(pool))), processor.tokenizer.pad_token_id)
             labels = batch.pop("labels")
             withdraw = step >= mixed_from and order.random() < withdrawal_share
+            full_logits = None
+            if withdraw and distill_weight:
+                withdrawal.withdraw_layer = None
+                with torch.no_grad():
+                    full_logits = model(**batch, use_cache=False).logits
             withdrawal.withdraw_layer = order.randrange(num_layers // 2, num_layers) if withdraw else None
             logits = model(**batch, use_cache=False).logits
             if withdrawal.plan is not None:  # logits are over the kept positions only
                 kept = withdrawal.plan
                 labels = labels[kept.batch_rows, kept.kept_positions].masked_fill(~kept.kept_attention_mask, -100)
+                if full_logits is not None:
+                    full_logits = full_logits[kept.batch_rows, kept.kept_positions]
             loss = answer_loss(logits, labels)
+            if full_logits is not None:
+                loss = loss + distill_weight * withdrawn_kl(logits, full_logits, labels)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
