@@ -138,11 +138,10 @@ def test_demo_near_chance_at_k0(demo_claims):
     assert demo_claims["b"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 open: the testbed has not learned POPE and MME's position questions")
+@pytest.mark.xfail(strict=True, reason="issue 4 open: MME's position questions and POPE stay near chance")
 def test_demo_baseline_far_above_chance(demo_claims):
     assert demo_claims["a"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 open: calibration finds no K < L under KL 0.003 on the testbed")
 def test_demo_vtw_at_calibrated_k_within_2_points(demo_claims):
     assert demo_claims["c"]
