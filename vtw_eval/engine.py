@@ -53,6 +53,13 @@ class WithdrawalPlan:
         return tensor[..., self.batch_rows, self.kept_positions, :]
 
 
+def cache_argument(kwargs: dict):
+    """The KV cache a transformers forward was given: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def plan_withdrawal(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_token_ids: list[int]
 ) -> WithdrawalPlan:
@@ -212,7 +219,7 @@ class VisualTokenWithdrawal:
         if input_ids is None:
             raise ValueError("VTW needs input_ids to find the visual tokens; got inputs_embeds only.")
         attention_mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         new_tokens = input_ids.shape[1]
 
         if cache is None or cache.get_seq_length() == 0:  # prefill, or a forward without cache
@@ -271,7 +278,7 @@ class VisualTokenWithdrawal:
             kwargs["position_embeddings"] = (self.plan.gather(cos), self.plan.gather(sin))
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = self.plan.gather(kwargs["position_ids"][..., None])[..., 0]
-        kwargs["attention_mask"] = self._mask_for(layer_index, hidden, kwargs.get("past_key_values"))
+        kwargs["attention_mask"] = self._mask_for(layer_index, hidden, cache_argument(kwargs))
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
