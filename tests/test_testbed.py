@@ -138,7 +138,6 @@ def test_demo_near_chance_at_k0(demo_claims):
     assert demo_claims["b"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 open: MME's position questions and POPE stay near chance")
 def test_demo_baseline_far_above_chance(demo_claims):
     assert demo_claims["a"]
 

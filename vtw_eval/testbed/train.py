@@ -35,7 +35,11 @@ from vtw_eval.tiny_models import CHAT_TEMPLATE, build_tokenizer, tiny_text_confi
 IMAGE_SIZE, PATCH_SIZE = 64, 8  # 64 visual tokens per image
 NUM_LAYERS = 8
 # (steps, tasks) stages that run before every task is mixed in.
-CURRICULUM = ((800, ("coco2017_cap_val",)),)
+CURRICULUM = ((1600, ("coco2017_cap_val",)),)
+# Small batches: within the 30-minute budget, twice the updates of batch 16 for 14% fewer examples
+# seen; the yes/no questions are the last thing learnt, and need the updates. The learning rate is
+# lower by about sqrt(2) to keep the noise of the updates where batch 16 at 1e-3 had it.
+BATCH_SIZE, LEARNING_RATE = 8, 7e-4
 
 
 def build_testbed(examples: list[Example], seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -188,7 +192,9 @@ def train_and_save(out: str | Path, steps: int, examples_per_task: int, seed: in
     start = time.time()
     examples = training_examples(examples_per_task, seed)
     model, processor = build_testbed(examples, seed)
-    losses = train(model, processor, examples, steps, CURRICULUM, seed=seed)
+    losses = train(
+        model, processor, examples, steps, CURRICULUM, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, seed=seed
+    )
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -196,6 +202,8 @@ def train_and_save(out: str | Path, steps: int, examples_per_task: int, seed: in
         "seed": seed,
         "steps": steps,
         "curriculum": [[stage_steps, list(tasks)] for stage_steps, tasks in CURRICULUM],
+        "batch_size": BATCH_SIZE,
+        "learning_rate": LEARNING_RATE,
         "examples_per_task": examples_per_task,
         "training_examples": len(examples),
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
