@@ -6,17 +6,28 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test
+.PHONY: install lock check-latest demo test
 
-# torch first, pinned to the release lmms-eval 0.7.3 resolves to, so nothing pulls another build.
-$(VENV)/.installed: pyproject.toml
+# Exactly the lock, nothing resolved: a fresh venv, every locked package without its dependencies,
+# then the project itself (no build isolation: the locked setuptools builds it), then pip's check
+# that the set is consistent.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolve pyproject.toml with pip and rewrite requirements.lock (commit it with the change).
+lock:
+	$(PYTHON) scripts/lock.py
+
+# The newest versions the pyproject ranges allow, in a throwaway venv: smoke tests and what moved.
+check-latest: install
+	$(PY) scripts/check_latest.py
 
 demo: install
 	$(PY) scripts/demo.py

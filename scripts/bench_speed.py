@@ -22,7 +22,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
-from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.engine import VisualTokenWithdrawal, cache_in, cache_keyword
 from vtw_eval.files import write_atomically
 from vtw_eval.tiny_models import llava_prompt, random_llava
 
@@ -50,13 +50,13 @@ def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> dict:
         output = model(
             input_ids=token,
             attention_mask=mask,
-            past_key_values=output.past_key_values,
+            **{cache_keyword(model): cache_in(output)},
             use_cache=True,
             logits_to_keep=1,
         )
     sync(device)
     decode = (time.perf_counter() - start) / new_tokens
-    cache = output.past_key_values
+    cache = cache_in(output)
     kv_bytes = sum(
         layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
         for layer in cache.layers

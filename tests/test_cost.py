@@ -10,7 +10,7 @@ from test_backend import backend, generation_requests
 from transformers import LlavaConfig, Qwen2Config
 
 from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
-from vtw_eval.engine import cache_argument
+from vtw_eval.engine import cache_in
 
 LLAVA_7B = DecoderGeometry(
     num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128
@@ -86,7 +86,7 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
     accounting_file = tmp_path / "requests.jsonl"
     lm = backend(tiny_llava_path, withdraw_layer, batch_size=1, accounting_file=str(accounting_file))
     caches = []
-    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_argument(kw)), with_kwargs=True)
+    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_in(kw)), with_kwargs=True)
     request = generation_requests()[3]  # two images
     lm.generate_until([request])
     (record,) = [json.loads(line) for line in accounting_file.read_text().splitlines()]

@@ -7,7 +7,7 @@ import torch
 from conftest import NUM_LAYERS, encode, load_model
 from reference import reference_vtw_logits
 
-from vtw_eval.engine import VisualTokenWithdrawal, plan_withdrawal
+from vtw_eval.engine import VisualTokenWithdrawal, cache_in, plan_withdrawal
 
 QUESTION = "Is there a red square in the image ?"
 
@@ -120,7 +120,7 @@ def test_cached_generation_equals_recompute_from_scratch(model, processor, withd
     kept = prompt_length - 2 * 16
     for layer in range(NUM_LAYERS):
         expected = (prompt_length if layer < withdraw_layer else kept) + generated
-        assert cached.past_key_values.layers[layer].keys.shape[-2] == expected
+        assert cache_in(cached).layers[layer].keys.shape[-2] == expected
 
 
 def test_distinct_generations_across_layers(tiny_llava_path, processor):

@@ -102,10 +102,10 @@ for i in itertools.count():
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_writing_never_leaves_a_half_written_file(tmp_path, signal_number):
     target = tmp_path / "record.json"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "ready"
-    time.sleep(0.5)  # many complete writes, the next one under way
-    writer.send_signal(signal_number)
-    writer.wait(timeout=30)
+    with subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True) as writer:
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # many complete writes, the next one under way
+        writer.send_signal(signal_number)
+        writer.wait(timeout=30)
     content = target.read_bytes()
     assert len(content) == 4_000_000 and len(set(content)) == 1  # one whole write, never a mix or a prefix

@@ -20,6 +20,7 @@ batch only.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +54,17 @@ class WithdrawalPlan:
         return tensor[..., self.batch_rows, self.kept_positions, :]
 
 
-def cache_argument(kwargs: dict):
-    """The KV cache a transformers forward was given: ``cache`` from transformers 5.24 on,
-    ``past_key_values`` before."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
+def cache_in(mapping) -> object | None:
+    """The KV cache in a forward's keyword arguments or in a model output: transformers 5.24 names
+    it ``cache``, 5.23 ``past_key_values``."""
+    cache = mapping.get("cache")
+    return cache if cache is not None else mapping.get("past_key_values")
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes a KV cache (``cache`` from transformers 5.24,
+    where ``past_key_values`` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def plan_withdrawal(
@@ -193,7 +200,6 @@ class VisualTokenWithdrawal:
                 attention_mask=self._make_mask(index, hidden, tile_batch(plan.kept_attention_mask, copies, 1), None),
                 position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
                 position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
-                past_key_values=None,
                 use_cache=False,
             )
         last = self.language_model.norm(hidden[:, -1])
@@ -219,7 +225,7 @@ class VisualTokenWithdrawal:
         if input_ids is None:
             raise ValueError("VTW needs input_ids to find the visual tokens; got inputs_embeds only.")
         attention_mask = kwargs.get("attention_mask")
-        cache = cache_argument(kwargs)
+        cache = cache_in(kwargs)
         new_tokens = input_ids.shape[1]
 
         if cache is None or cache.get_seq_length() == 0:  # prefill, or a forward without cache
@@ -278,7 +284,7 @@ class VisualTokenWithdrawal:
             kwargs["position_embeddings"] = (self.plan.gather(cos), self.plan.gather(sin))
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = self.plan.gather(kwargs["position_ids"][..., None])[..., 0]
-        kwargs["attention_mask"] = self._mask_for(layer_index, hidden, cache_argument(kwargs))
+        kwargs["attention_mask"] = self._mask_for(layer_index, hidden, cache_in(kwargs))
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -302,10 +308,11 @@ class VisualTokenWithdrawal:
         functions, sized against this layer's cache (which holds the kept tokens only)."""
         sliding = self._mask_kind(layer_index) == "sliding_attention"
         make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+        # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
         return make_mask(
-            config=self.language_model.config,
-            inputs_embeds=hidden,
-            attention_mask=mask_2d,
-            past_key_values=cache,
+            self.language_model.config,
+            hidden,
+            mask_2d,
+            cache,
             layer_idx=layer_index if cache is not None else None,
         )
