@@ -29,3 +29,11 @@ def test_lock_reader_and_names(tmp_path):
     lock = tmp_path / "requirements.lock"
     lock.write_text("# header\nHuggingFace_Hub==2.4.0\nzope.interface==7.0  # why\n\n")
     assert read_lock(lock) == {"huggingface-hub": "2.4.0", "zope-interface": "7.0"}
+
+
+def test_drift_rows_list_every_difference():
+    from check_latest import drift_rows
+
+    locked = {"torch": "2.14.1", "filelock": "3.32.7", "gone": "1.0", "pip": "23.2.1"}
+    latest = {"torch": "2.14.1", "filelock": "4.3.1", "new": "0.1", "pip": "26.3"}
+    assert drift_rows(locked, latest) == [("filelock", "3.32.7", "4.3.1"), ("gone", "1.0", "-"), ("new", "-", "0.1")]
