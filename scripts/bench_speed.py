@@ -92,12 +92,7 @@ def batch_throughput(batch_size: int, repeats: int, new_tokens: int, device: tor
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vtw_eval.plots import plt, save_png
 
     figure, axes = plt.subplots(figsize=(6, 4))
     rows = sorted(rows, key=lambda row: row["withdraw_layer"])
@@ -109,11 +104,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes.set_ylabel("speedup over baseline")
     axes.set_yscale("log")
     axes.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write_atomically(path, buffer.getvalue())
+    save_png(figure, path)
 
 
 def main(argv=None) -> None:

@@ -23,8 +23,9 @@ SMOKE_TESTS = ["tests/test_engine.py", "tests/test_cli.py"]
 
 
 def installed_versions(python: Path) -> dict[str, str]:
-    listing = subprocess.run([python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True
+    ).stdout
     return {normalise(p["name"]): p["version"] for p in json.loads(listing)}
 
 

@@ -33,9 +33,20 @@ def resolve(requirements: list[str], python: str = sys.executable) -> dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
-            [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-             "--report", str(report), *requirements],
-            cwd=ROOT, check=True,
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--report",
+                str(report),
+                *requirements,
+            ],
+            cwd=ROOT,
+            check=True,
         )
         installs = json.loads(report.read_text())["install"]
     return {normalise(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
@@ -53,8 +64,9 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
 
 
 def pip_version(python: str = sys.executable) -> str:
-    return subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True,
-                          check=True).stdout.split()[1]
+    return subprocess.run(
+        [python, "-m", "pip", "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
 
 
 def main() -> None:

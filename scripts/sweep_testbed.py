@@ -7,14 +7,14 @@ task's score against K, next to the calibration's mean KL per layer.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 from pathlib import Path
 
 from tqdm import tqdm
+from transformers import AutoConfig
 
-from vtw_eval.calibration import model_file_stem
+from vtw_eval.calibration_file import calibration_file_stem, config_hash
 from vtw_eval.diff import load_run
 from vtw_eval.files import write_atomically
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
@@ -30,7 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    calibration = json.loads((Path(args.calibration_dir) / f"{model_file_stem(args.model)}.json").read_text())
+    stem = calibration_file_stem(args.model, config_hash(AutoConfig.from_pretrained(args.model)))
+    calibration = json.loads((Path(args.calibration_dir) / f"{stem}.json").read_text())
     num_layers = calibration["num_layers"]
     out = Path(args.out)
 
@@ -46,10 +47,7 @@ def main() -> None:
         out / "sweep.json", (json.dumps({"scores": scores, "calibration": calibration}, indent=2) + "\n").encode()
     )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vtw_eval.plots import plt, save_png
 
     figure, (scores_axes, kl_axes) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
     layers = range(num_layers + 1)
@@ -74,10 +72,7 @@ def main() -> None:
     kl_axes.set_yscale("log")
     kl_axes.set_xlabel("withdrawal layer K (K = L: no withdrawal)")
     kl_axes.legend(fontsize=7)
-    figure.tight_layout()
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=100)
-    write_atomically(out / "sweep.png", png.getvalue())
+    save_png(figure, out / "sweep.png")
     print(json.dumps(scores, indent=1))
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
 

@@ -9,7 +9,9 @@ from conftest import NUM_LAYERS, encode, picture
 from reference import reference_vtw_logits, visual_ids
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.backends.llava import VTWLlavaOnevision
+from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
+from vtw_eval.engine import VisualTokenWithdrawal, cache_in
 from vtw_eval.tiny_models import build_tiny_llava_onevision, build_tiny_qwen2_vl
 
 BUILDERS = {
@@ -28,8 +30,18 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-def load(path):
-    return AutoModelForImageTextToText.from_pretrained(path).eval()
+ADAPTERS = (VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL)
+
+
+def load(path, attn_implementation: str = "sdpa"):
+    return AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation).eval()
+
+
+def withdrawal(model, withdraw_layer):
+    """The engine as the architecture's backend sets it up (the adapter says how decoding
+    positions are derived)."""
+    adapter = next(a for a in ADAPTERS if model.config.model_type in a.model_classes)
+    return VisualTokenWithdrawal(model, withdraw_layer, adapter.decoding_positions)
 
 
 def generate(model, inputs, **kwargs):
@@ -42,21 +54,21 @@ def test_no_withdrawal_is_bit_identical(tiny):
     inputs = encode(processor, [(QUESTION, 1)])
     logits, tokens = model(**inputs).logits, generate(model, inputs)
     for layer in (None, NUM_LAYERS):
-        vtw = VisualTokenWithdrawal(model, withdraw_layer=layer)
+        vtw = withdrawal(model, layer)
         assert torch.equal(model(**inputs).logits, logits)
         assert torch.equal(generate(model, inputs), tokens)
         vtw.remove()
 
 
-@pytest.mark.parametrize("num_images", [1, 2])
-def test_every_layer_matches_naive_reference(tiny, num_images):
+@pytest.mark.parametrize("num_images, attn_implementation", [(1, "sdpa"), (2, "sdpa"), (2, "eager")])
+def test_every_layer_matches_naive_reference(tiny, num_images, attn_implementation):
     _, path, processor = tiny
-    model = load(path)
+    model = load(path, attn_implementation)
     inputs = encode(processor, [(QUESTION, num_images)])
     assert torch.isin(inputs["input_ids"], torch.tensor(visual_ids(model.config))).sum() >= 4 * num_images
     for layer in range(NUM_LAYERS):
         expected, kept_positions = reference_vtw_logits(model, inputs, layer)
-        vtw = VisualTokenWithdrawal(model, withdraw_layer=layer)
+        vtw = withdrawal(model, layer)
         logits = model(**inputs).logits
         vtw.remove()
         assert vtw.plan.kept_positions[0].tolist() == kept_positions.tolist()
@@ -78,7 +90,7 @@ def test_cached_generation_equals_recompute(tiny, withdraw_layer):
     _, path, processor = tiny
     model = load(path)
     inputs = encode(processor, [(QUESTION, 2)])
-    vtw = VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
+    vtw = withdrawal(model, withdraw_layer)
     # A random model may pick a visual token id; recomputing would then read it as an image.
     suppress = visual_ids(model.config)
     cached = generate(model, inputs, output_logits=True, return_dict_in_generate=True, suppress_tokens=suppress)
@@ -93,13 +105,19 @@ def test_cached_generation_equals_recompute(tiny, withdraw_layer):
     assert torch.equal(cached.sequences, sequence)
     for got, want in zip(cached.logits, step_logits):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # What each layer's cache holds: every token below K, kept tokens only from K on.
+    prompt_length = inputs["input_ids"].shape[1]
+    visual = int(torch.isin(inputs["input_ids"], torch.tensor(suppress)).sum())
+    for layer in range(NUM_LAYERS):
+        expected = (prompt_length if layer < withdraw_layer else prompt_length - visual) + 4  # last token not fed back
+        assert cache_in(cached).layers[layer].keys.shape[-2] == expected
 
 
 @pytest.mark.parametrize("withdraw_layer", [0, 2])
 def test_batch_equals_one_by_one(tiny, withdraw_layer):
     _, path, processor = tiny
     model = load(path)
-    VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
+    withdrawal(model, withdraw_layer)
     rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
     batch_inputs = encode(processor, rows)
     batch = generate(model, batch_inputs, output_logits=True, return_dict_in_generate=True)
@@ -125,7 +143,7 @@ def test_qwen2_vl_video_frames(tmp_path):
     assert (inputs["input_ids"] == model.config.video_token_id).sum() > 0
     for layer in (0, 2):
         expected, _ = reference_vtw_logits(model, inputs, layer)
-        vtw = VisualTokenWithdrawal(model, withdraw_layer=layer)
+        vtw = withdrawal(model, layer)
         torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
         vtw.remove()
 
@@ -137,7 +155,7 @@ def test_one_pass_calibration_equals_reference(tiny):
     _, path, processor = tiny
     model = load(path)
     inputs = encode(processor, [(QUESTION, 2)])
-    kl = layer_kl_divergences(VisualTokenWithdrawal(model, withdraw_layer=None), inputs)[0]
+    kl = layer_kl_divergences(withdrawal(model, None), inputs)[0]
     log_p_full = torch.log_softmax(model(**inputs).logits[0, -1], -1)
     for layer in range(NUM_LAYERS):
         logits, _ = reference_vtw_logits(model, inputs, layer)

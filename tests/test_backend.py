@@ -8,7 +8,7 @@ from conftest import NUM_LAYERS, load_model, picture
 from lmms_eval.api.instance import Instance
 from reference import reference_vtw_logits
 
-from vtw_eval.backends.base import parse_withdraw_layer
+from vtw_eval.backends.arguments import withdraw_layer as parse_withdraw_layer
 from vtw_eval.backends.llava import VTWLlava
 from vtw_eval.engine import VisualTokenWithdrawal
 
@@ -97,6 +97,30 @@ def test_loglikelihood_equals_reference(tiny_llava_path, processor):
     assert is_greedy == (logits[0, -2].argmax().item() == target)
 
 
+def test_multi_token_loglikelihood_is_the_sum_over_the_continuation(tiny_llava_path, processor):
+    """Tells the sum apart from the mean and from the last token's log-probability."""
+    withdraw_layer, words = 1, ["Yes", "it", "is", "red"]
+    lm = backend(tiny_llava_path, withdraw_layer)
+    arguments = (QUESTIONS[0], " " + " ".join(words), doc_to_visual, 0, "tiny", "test")
+    ((log_likelihood, is_greedy),) = lm.loglikelihood([request("loglikelihood", arguments)])
+
+    model = load_model(tiny_llava_path)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\n" + QUESTIONS[0]}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = dict(processor(images=[picture(0)], text=[prompt + " " + " ".join(words)], return_tensors="pt"))
+    logits, _ = reference_vtw_logits(model, inputs, withdraw_layer)
+    targets = processor.tokenizer.convert_tokens_to_ids(words)
+    assert inputs["input_ids"][0, -len(words) :].tolist() == targets
+    per_token = [
+        torch.log_softmax(logits[0, -len(words) - 1 + i], dim=-1)[target].item() for i, target in enumerate(targets)
+    ]
+    assert log_likelihood == pytest.approx(sum(per_token), abs=1e-5)
+    assert abs(sum(per_token) - per_token[-1]) > 1e-3 and abs(sum(per_token) - sum(per_token) / 4) > 1e-3
+    greedy = all(logits[0, -len(words) - 1 + i].argmax().item() == t for i, t in enumerate(targets))
+    assert is_greedy == greedy
+
+
 def test_failed_generation_names_the_doc(tiny_llava_path):
     lm = backend(tiny_llava_path, 1)
     lm.task_dict["tiny"]["test"][1]["images"] = ["not-an-image.png"]
@@ -138,5 +162,39 @@ def test_unknown_model_args_are_refused(tiny_llava_path):
 
 @pytest.mark.parametrize("value", ["abc", "-0.1", "nan"])
 def test_bad_kl_threshold_is_refused(tiny_llava_path, value):
-    with pytest.raises(ValueError, match=f"kl_threshold='{value}' is not accepted; use a number >= 0"):
+    with pytest.raises(ValueError, match=f"kl_threshold='{value}' is not accepted; use a finite number >= 0"):
         VTWLlava(pretrained=str(tiny_llava_path), device="cpu", kl_threshold=value)
+
+
+def test_batch_size_in_model_args_wins_over_lmms_evals(tiny_llava_path):
+    model_args = f"pretrained={tiny_llava_path},batch_size=2,device=cpu,accounting_file={tiny_llava_path}/a.jsonl"
+    lm = VTWLlava.create_from_arg_string(model_args, {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert lm.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        ({"batch_size": "abc"}, r"batch_size='abc' is not accepted; use a positive integer"),
+        ({"batch_size": 0}, r"batch_size=0 is not accepted"),
+        ({"dtype": "float64"}, r"dtype='float64' is not accepted; use one of auto, float32"),
+        ({"device_map": "cpu"}, r"device='cpu' and device_map='cpu' both place the model"),
+    ],
+)
+def test_bad_arguments_name_themselves(tiny_llava_path, model_args, message):
+    with pytest.raises(ValueError, match=message):
+        VTWLlava(pretrained=str(tiny_llava_path), **{"device": "cpu", **model_args})
+
+
+def test_missing_pretrained_path_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"pretrained='.*/nowhere/model' is not accepted: no such directory"):
+        VTWLlava(pretrained=str(tmp_path / "nowhere" / "model"), device="cpu")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", ""])
+def test_bad_calibration_doc_count_is_refused(monkeypatch, value):
+    from vtw_eval.calibration_task import calibration_docs_wanted
+
+    monkeypatch.setenv("VTW_CALIBRATION_DOCS", value)
+    with pytest.raises(ValueError, match=rf"VTW_CALIBRATION_DOCS='{value}' is not accepted; use a positive integer"):
+        calibration_docs_wanted()

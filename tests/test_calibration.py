@@ -8,16 +8,11 @@ import pytest
 import torch
 from conftest import NUM_LAYERS, encode, load_model
 from reference import reference_vtw_logits
+from transformers import LlavaForConditionalGeneration
 
 from vtw_eval.backends.llava import VTWLlava
-from vtw_eval.calibration import (
-    choose_withdraw_layer,
-    config_hash,
-    layer_kl_divergences,
-    load_calibration,
-    summarise,
-    write_calibration,
-)
+from vtw_eval.calibration import choose_withdraw_layer, layer_kl_divergences, summarise
+from vtw_eval.calibration_file import config_hash, load_calibration, model_identity, write_calibration
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.run import run_lmms_eval
 
@@ -73,26 +68,64 @@ def test_summary_weights_subsets_by_size_and_says_when_no_layer_met_it():
 
 def test_calibration_file_round_trip_and_errors(tmp_path, tiny_llava_path):
     model = load_model(tiny_llava_path)
-    good_hash = config_hash(model.config)
+    identity = model_identity(model, "tiny")
     record = summarise(
-        {"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}},
-        {"model": "tiny", "config_hash": good_hash, "kl_threshold": 0.003},
+        {"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}}, {**identity, "kl_threshold": 0.003}
     )
     json_path, plot_path = write_calibration(record, tmp_path / "tiny.json")
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_calibration(json_path, "tiny", good_hash)["withdraw_layer"] == 1
+    how = "lmms-eval --model vtw_llava ..."
+    assert load_calibration(json_path, identity, NUM_LAYERS, how)["withdraw_layer"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.png"]  # no temporary left
 
-    with pytest.raises(ValueError, match=r"no calibration file .*missing.json; create it with: lmms-eval"):
-        load_calibration(tmp_path / "missing.json", "tiny", good_hash)
+    with pytest.raises(ValueError, match=r"no calibration file .*missing.json; create it with:\n  lmms-eval"):
+        load_calibration(tmp_path / "missing.json", identity, NUM_LAYERS, how)
     truncated = tmp_path / "truncated.json"
     truncated.write_text(json_path.read_text()[:40])
     with pytest.raises(ValueError, match=r"truncated.json is unreadable"):
-        load_calibration(truncated, "tiny", good_hash)
-    with pytest.raises(ValueError, match=r"is for model 'tiny' \(config .*\), not 'other'"):
-        load_calibration(json_path, "other", good_hash)
-    with pytest.raises(ValueError, match=r"not 'tiny' \(config 0000\)"):
-        load_calibration(json_path, "tiny", "0000")
+        load_calibration(truncated, identity, NUM_LAYERS, how)
+    other_weights = {**identity, "weights_fingerprint": "0000"}
+    with pytest.raises(ValueError, match=r"measured on another model .*weights_fingerprint .*this model's is 0000"):
+        load_calibration(json_path, other_weights, NUM_LAYERS, how)
+    with pytest.raises(ValueError, match=r"config_hash .*this model's is 0000"):
+        load_calibration(json_path, {**identity, "config_hash": "0000"}, NUM_LAYERS, how)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mean_kl", [0.1, 0.0], r"field 'mean_kl' must hold 5 finite numbers"),
+        ("mean_kl", [0.1, "x", 0.0, 0.0, 0.0], r"field 'mean_kl' must hold 5"),
+        ("num_layers", 6, r"field 'num_layers' is 6, the model has 4 decoder layers"),
+        ("withdraw_layer", True, r"field 'withdraw_layer' is True, not a int"),
+        ("withdraw_layer", 9, r"field 'withdraw_layer' is 9, not in 0..4"),
+        ("format", 1, r"format 1, this version reads format 2"),
+    ],
+)
+def test_calibration_file_fields_are_checked(tmp_path, tiny_llava_path, field, value, message):
+    identity = model_identity(load_model(tiny_llava_path), "tiny")
+    record = summarise(
+        {"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}}, {**identity, "kl_threshold": 0.003}
+    )
+    json_path, _ = write_calibration(record, tmp_path / "tiny.json")
+    on_disk = json.loads(json_path.read_text())
+    json_path.write_text(json.dumps({**on_disk, field: value}))
+    with pytest.raises(ValueError, match=rf"{json_path.name} is unreadable \({message}"):
+        load_calibration(json_path, identity, NUM_LAYERS, "how")
+
+
+def test_identity_ignores_dtype_and_path(tiny_llava_path, tmp_path):
+    import shutil
+
+    moved = shutil.copytree(tiny_llava_path, tmp_path / "elsewhere")
+    here = model_identity(load_model(tiny_llava_path), str(tiny_llava_path))
+    there = model_identity(LlavaForConditionalGeneration.from_pretrained(moved, dtype=torch.bfloat16), "elsewhere")
+    assert here["config_hash"] == there["config_hash"] and here["weights_fingerprint"] == there["weights_fingerprint"]
+    assert (here["dtype"], there["dtype"]) == ("float32", "bfloat16")
+    changed = load_model(tiny_llava_path)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1.0
+    assert model_identity(changed, "x")["weights_fingerprint"] != here["weights_fingerprint"]
 
 
 def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):

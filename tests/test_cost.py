@@ -104,8 +104,12 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
     assert record["generated_tokens"] == len(caches)  # one forward per generated token
     key = "kv_cache_bytes_baseline" if withdraw_layer == "none" else "kv_cache_bytes_vtw"
     assert record[key] == cache_bytes(caches[-1])
-    assert record["prefill_flops_baseline"] == lm.geometry.prefill_flops(record["prompt_tokens"], 32, None)
-    assert record["prefill_flops_vtw"] == lm.geometry.prefill_flops(record["prompt_tokens"], 32, layer)
+    assert record["prefill_flops_baseline"] == DecoderGeometry.from_config(lm.model.config).prefill_flops(
+        record["prompt_tokens"], 32, None
+    )
+    assert record["prefill_flops_vtw"] == DecoderGeometry.from_config(lm.model.config).prefill_flops(
+        record["prompt_tokens"], 32, layer
+    )
     assert record["batch_prefill_seconds"] > 0 and record["batch_decode_steps"] == len(caches) - 1
 
 

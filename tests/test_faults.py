@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
@@ -87,25 +86,33 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 WRITER = """
-import sys, itertools, signal
+import sys, signal, time
 from pathlib import Path
 from vtw_eval.files import write_atomically
 # A background job inherits SIGINT ignored; a user's Ctrl-C raises KeyboardInterrupt.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 target = Path(sys.argv[1])
-print("ready", flush=True)
-for i in itertools.count():
-    write_atomically(target, (str(i % 10) * 4_000_000).encode())
+write_atomically(target, b"1" * 4_000_000)  # a whole file
+def half_then_wait(self, data):  # the next write stops halfway through its temporary file
+    with open(self, "wb") as file:
+        file.write(data[: len(data) // 2])
+    print("mid-write", flush=True)
+    time.sleep(60)
+Path.write_bytes = half_then_wait
+write_atomically(target, b"2" * 4_000_000)
 """
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_writing_never_leaves_a_half_written_file(tmp_path, signal_number):
+    """The writer is stopped at a known point: half of the new file written, the rename not done."""
     target = tmp_path / "record.json"
     with subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True) as writer:
-        assert writer.stdout.readline().strip() == "ready"
-        time.sleep(0.5)  # many complete writes, the next one under way
+        assert writer.stdout.readline().strip() == "mid-write"
+        (temporary,) = [p for p in tmp_path.iterdir() if p != target]
+        assert temporary.stat().st_size == 2_000_000  # really mid-write
         writer.send_signal(signal_number)
-        writer.wait(timeout=30)
-    content = target.read_bytes()
-    assert len(content) == 4_000_000 and len(set(content)) == 1  # one whole write, never a mix or a prefix
+        assert writer.wait(timeout=30) != 0
+    assert target.read_bytes() == b"1" * 4_000_000  # the old file, whole
+    if signal_number == signal.SIGINT:  # Python unwinds: the temporary file is removed too
+        assert [p.name for p in tmp_path.iterdir()] == ["record.json"]

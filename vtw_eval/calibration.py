@@ -1,4 +1,4 @@
-"""Choosing the withdrawal layer K the way the VTW paper does, and the calibration file.
+"""Choosing the withdrawal layer K the way the VTW paper does: the maths.
 
 For each calibration prompt and each candidate layer k in 0..L: the next-token distribution at
 the last prompt position of the unmodified model (p_full) and with withdrawal before layer k
@@ -6,31 +6,78 @@ the last prompt position of the unmodified model (p_full) and with withdrawal be
 threshold (0.003 by default, the paper's LLaVA-1.5-7B setting).
 
 All k come from one full forward per batch that keeps every layer's input hidden states, then
-for each k only layers k..L-1 over the kept tokens (the reference implementation runs a whole
-forward per candidate layer).
+each layer j runs once over the kept tokens of all candidates k <= j stacked along the batch (the
+reference implementation runs a whole forward per candidate layer).
+
+The lmms-eval task hooks are in ``calibration_task.py``, the file and plot in ``calibration_file.py``.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
-import os
-from pathlib import Path
 
 import torch
 
-from vtw_eval.engine import VisualTokenWithdrawal
-from vtw_eval.files import write_atomically
+from vtw_eval.engine import VisualTokenWithdrawal, plan_withdrawal, withdrawn_layer_mask
 
 DEFAULT_KL_THRESHOLD = 0.003
-CALIBRATION_FORMAT = 1
+
+
+def tile_batch(tensor: torch.Tensor, copies: int, trailing_dims: int) -> torch.Tensor:
+    """Repeat along the batch dimension, the one followed by ``trailing_dims`` dimensions."""
+    repeats = [1] * tensor.dim()
+    repeats[tensor.dim() - 1 - trailing_dims] = copies
+    return tensor.repeat(*repeats)
+
+
+@torch.inference_mode()
+def every_layer_last_hidden(
+    withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unmodified forward of ``inputs`` and, from it, for every candidate k in 0..L-1 the
+    final-norm hidden state of the last prompt token with withdrawal before layer k.
+
+    Returns the unmodified model's last-position logits (batch, vocab) and the hidden states
+    (L, batch, hidden). The forward keeps each layer's input; then each layer j runs once, over
+    the kept tokens of all candidates k <= j stacked along the batch, with no KV cache.
+    """
+    language_model = withdrawal.language_model
+    saved, withdrawal.withdraw_layer = withdrawal.withdraw_layer, None
+    layer_kwargs = {}  # the positions the decoder gives its layers (3-row rotary for Qwen2-VL)
+    capture = language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: layer_kwargs.update(kwargs), with_kwargs=True
+    )
+    try:
+        full = withdrawal.model(**inputs, output_hidden_states=True, use_cache=False)
+    finally:
+        capture.remove()
+        withdrawal.withdraw_layer = saved
+    plan = plan_withdrawal(inputs["input_ids"], inputs.get("attention_mask"), withdrawal.visual_token_ids)
+    cos, sin = (plan.gather(t) for t in layer_kwargs["position_embeddings"])
+    position_ids = layer_kwargs.get("position_ids")
+    if position_ids is not None:
+        position_ids = plan.gather(position_ids[..., None])[..., 0]
+    hidden = None
+    for index, layer in enumerate(language_model.layers):
+        candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
+        hidden = candidate if hidden is None else torch.cat([hidden, candidate], dim=0)
+        copies = index + 1
+        mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
+        hidden = layer(
+            hidden,
+            attention_mask=withdrawn_layer_mask(language_model.config, index, hidden, mask_2d, None),
+            position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
+            position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
+            use_cache=False,
+        )
+    last = language_model.norm(hidden[:, -1])
+    return full.logits[:, -1], last.view(withdrawal.num_layers, plan.kept_positions.shape[0], -1)
 
 
 @torch.inference_mode()
 def layer_kl_divergences(withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """KL(p_k || p_full) at the last prompt position, shape (batch, L + 1); column L is 0."""
-    full_logits, last_hidden = withdrawal.every_layer_last_hidden(inputs)
+    full_logits, last_hidden = every_layer_last_hidden(withdrawal, inputs)
     log_p_full = torch.log_softmax(full_logits.float(), dim=-1)
     log_p = torch.log_softmax(
         withdrawal.model.get_output_embeddings()(last_hidden).float(), dim=-1
@@ -48,17 +95,6 @@ def choose_withdraw_layer(mean_kl: list[float], threshold: float) -> tuple[int, 
     return num_layers, False
 
 
-def config_hash(config) -> str:
-    """A short hash of a model config, to tell whether a calibration file belongs to a model."""
-    text = json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_file_stem(name_or_path: str) -> str:
-    """llava-hf/llava-1.5-7b-hf -> llava-hf__llava-1.5-7b-hf (as lmms-eval names its folders)."""
-    return str(name_or_path).strip("/").replace("/", "__")
-
-
 def summarise(per_subset: dict[str, dict], identity: dict) -> dict:
     """The calibration record from each subset's sample count and per-layer mean KL.
 
@@ -72,11 +108,8 @@ def summarise(per_subset: dict[str, dict], identity: dict) -> dict:
     threshold = identity["kl_threshold"]
     layer, met = choose_withdraw_layer(mean_kl, threshold)
     return {
-        "format": CALIBRATION_FORMAT,
-        "model": identity["model"],
-        "config_hash": identity["config_hash"],
+        **identity,
         "num_layers": len(mean_kl) - 1,
-        "kl_threshold": threshold,
         "withdraw_layer": layer,
         "threshold_met": met,
         "message": (
@@ -89,119 +122,3 @@ def summarise(per_subset: dict[str, dict], identity: dict) -> dict:
         "per_subset": dict(sorted(per_subset.items())),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-# -- lmms-eval task functions of the vtw_calibration tasks (tasks/vtw_calibration) -------------
-
-IDENTITY_KEYS = ("model", "config_hash", "kl_threshold")
-
-
-def spread_docs(dataset):
-    """A deterministic subset spread over the dataset: VTW_CALIBRATION_DOCS docs (default 20)."""
-    wanted = int(os.environ.get("VTW_CALIBRATION_DOCS", "20"))
-    step = max(len(dataset) // wanted, 1)
-    return dataset.select(range(0, len(dataset), step)[:wanted])
-
-
-def gqa_docs(dataset):
-    """GQA's subset; its images come from a second dataset, loaded only for the chosen docs."""
-    from lmms_eval.tasks.gqa.utils import gqa_process_docs
-
-    return gqa_process_docs(spread_docs(dataset))
-
-
-def process_results(doc, results):
-    try:
-        sample = json.loads(results[0])
-        assert isinstance(sample["kl"], list) and all(key in sample for key in ("subset", *IDENTITY_KEYS))
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-        raise ValueError(
-            f"vtw_calibration needs a vtw_* model (e.g. --model vtw_llava); got the answer {results[0][:80]!r}"
-        ) from None
-    return {"vtw_calibration": sample}
-
-
-def aggregate_subset(samples: list[dict]) -> dict:
-    """One subset's record; lmms-eval has gathered the samples of every rank before this."""
-    identity = {key: samples[0][key] for key in IDENTITY_KEYS}
-    for sample in samples:
-        if any(sample[key] != identity[key] for key in IDENTITY_KEYS) or sample["subset"] != samples[0]["subset"]:
-            raise ValueError("vtw_calibration samples of one subset disagree on model, config or threshold")
-    entry = {
-        "num_samples": len(samples),
-        "mean_kl": torch.tensor([s["kl"] for s in samples], dtype=torch.float64).mean(0).tolist(),
-    }
-    record = summarise({samples[0]["subset"]: entry}, identity)
-    record["calibration_file"] = samples[0]["calibration_file"]
-    return record
-
-
-def aggregate_group(subset_records: list[dict], sizes, weight_by_size) -> dict:
-    """The vtw_calibration group's record over all subsets; writes the calibration file and plot."""
-    identity = {key: subset_records[0][key] for key in IDENTITY_KEYS}
-    if any(record[key] != identity[key] for record in subset_records for key in IDENTITY_KEYS):
-        raise ValueError("vtw_calibration subsets disagree on model, config or threshold")
-    per_subset = {name: entry for record in subset_records for name, entry in record["per_subset"].items()}
-    record = summarise(per_subset, identity)
-    json_path, plot_path = write_calibration(record, subset_records[0]["calibration_file"])
-    record["calibration_file"], record["plot"] = str(json_path), str(plot_path)
-    print(f"VTW calibration: {record['message']}; wrote {json_path} and {plot_path}")
-    return record
-
-
-def write_calibration(record: dict, path: str | Path) -> tuple[Path, Path]:
-    """The calibration JSON and a PNG plot of mean KL per layer beside it (same stem)."""
-    import io
-
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    figure, axes = plt.subplots(figsize=(7, 4))
-    layers = range(record["num_layers"])
-    for subset, entry in record["per_subset"].items():
-        axes.plot(layers, entry["mean_kl"][:-1], alpha=0.5, label=f"{subset} (n={entry['num_samples']})")
-    axes.plot(layers, record["mean_kl"][:-1], color="black", linewidth=2, label="all samples")
-    axes.axhline(record["kl_threshold"], color="red", linestyle="--", label=f"threshold {record['kl_threshold']:g}")
-    axes.axvline(record["withdraw_layer"], color="green", linestyle=":", label=f"chosen K = {record['withdraw_layer']}")
-    axes.set_yscale("log")
-    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes.set_xlabel("withdrawal layer k")
-    axes.set_ylabel("mean KL(p_k || p_full)")
-    axes.set_title(f"VTW calibration: {record['model']}", fontsize=9)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=100)
-    plt.close(figure)
-    plot_path = path.with_suffix(".png")
-    write_atomically(plot_path, png.getvalue())
-    write_atomically(path, (json.dumps(record, indent=2) + "\n").encode())
-    return path, plot_path
-
-
-def load_calibration(path: str | Path, model_name: str, model_config_hash: str) -> dict:
-    """A calibration record for this model, or a ValueError saying what is wrong and what to do."""
-    path = Path(path)
-    how = (
-        f"create it with: lmms-eval --model vtw_llava --model_args pretrained={model_name} "
-        "--tasks vtw_calibration (or pass calibration=PATH)"
-    )
-    if not path.is_file():
-        raise ValueError(f"withdraw_layer=auto: no calibration file {path}; {how}")
-    try:
-        record = json.loads(path.read_text())
-        layer, num_layers = record["withdraw_layer"], record["num_layers"]
-        if not (isinstance(layer, int) and isinstance(num_layers, int) and 0 <= layer <= num_layers):
-            raise ValueError(f"withdraw_layer {layer!r} not in 0..{num_layers!r}")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"withdraw_layer=auto: calibration file {path} is unreadable ({error}); {how}") from None
-    if record.get("config_hash") != model_config_hash or record.get("model") != model_name:
-        raise ValueError(
-            f"withdraw_layer=auto: calibration file {path} is for model {record.get('model')!r} "
-            f"(config {record.get('config_hash')}), not {model_name!r} (config {model_config_hash}); {how}"
-        )
-    return record

@@ -117,6 +117,9 @@ def language_model_of(model: nn.Module) -> nn.Module:
     raise ValueError(f"Cannot find the language decoder layers of {type(model).__name__}.")
 
 
+DECODING_POSITIONS = ("count", "from_attention_mask")
+
+
 class VisualTokenWithdrawal:
     """Withdraws visual tokens before decoder layer ``withdraw_layer`` of one model.
 
@@ -126,10 +129,19 @@ class VisualTokenWithdrawal:
         vtw = VisualTokenWithdrawal(model, withdraw_layer=16)
         model.generate(**inputs)      # withdrawal on
         vtw.remove()                  # hooks gone
+
+    ``decoding_positions`` says how the model numbers the tokens of a decoding step that comes
+    without position ids (the architecture adapter knows): ``"count"``, from the length of its
+    layer-0 cache, which the engine replaces by explicit positions after the full prompt (that
+    cache is reduced when K = 0); ``"from_attention_mask"``, from the 2D attention mask, as
+    Qwen2-VL's multimodal rotary positions are, which the engine then gives in full.
     """
 
-    def __init__(self, model: nn.Module, withdraw_layer: int | None):
+    def __init__(self, model: nn.Module, withdraw_layer: int | None, decoding_positions: str = "count"):
+        if decoding_positions not in DECODING_POSITIONS:
+            raise ValueError(f"decoding_positions={decoding_positions!r}; use one of {DECODING_POSITIONS}")
         self.model = model
+        self.decoding_positions = decoding_positions
         self.language_model = language_model_of(model)
         self.num_layers = len(self.language_model.layers)
         self.visual_token_ids = visual_token_ids_of(model.config)
@@ -164,46 +176,6 @@ class VisualTokenWithdrawal:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    @torch.inference_mode()
-    def every_layer_last_hidden(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One unmodified forward of ``inputs`` and, from it, for every candidate k in 0..L-1 the
-        final-norm hidden state of the last prompt token with withdrawal before layer k.
-
-        Returns the unmodified model's last-position logits (batch, vocab) and the hidden states
-        (L, batch, hidden). Calibration uses this to try every K from one pass: the forward keeps
-        each layer's input; then each layer j runs once, over the kept tokens of all candidates
-        k <= j stacked along the batch, with no KV cache.
-        """
-        saved, self._withdraw_layer = self._withdraw_layer, None
-        layer_kwargs = {}  # the positions the decoder gives its layers (3-row rotary for Qwen2-VL)
-        capture = self.language_model.layers[0].register_forward_pre_hook(
-            lambda module, args, kwargs: layer_kwargs.update(kwargs), with_kwargs=True
-        )
-        try:
-            full = self.model(**inputs, output_hidden_states=True, use_cache=False)
-        finally:
-            capture.remove()
-            self._withdraw_layer = saved
-        plan = plan_withdrawal(inputs["input_ids"], inputs.get("attention_mask"), self.visual_token_ids)
-        cos, sin = (plan.gather(t) for t in layer_kwargs["position_embeddings"])
-        position_ids = layer_kwargs.get("position_ids")
-        if position_ids is not None:
-            position_ids = plan.gather(position_ids[..., None])[..., 0]
-        hidden = None
-        for index, layer in enumerate(self.language_model.layers):
-            candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
-            hidden = candidate if hidden is None else torch.cat([hidden, candidate], dim=0)
-            copies = index + 1
-            hidden = layer(
-                hidden,
-                attention_mask=self._make_mask(index, hidden, tile_batch(plan.kept_attention_mask, copies, 1), None),
-                position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
-                position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
-                use_cache=False,
-            )
-        last = self.language_model.norm(hidden[:, -1])
-        return full.logits[:, -1], last.view(self.num_layers, plan.kept_positions.shape[0], -1)
 
     def _start_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
@@ -247,21 +219,13 @@ class VisualTokenWithdrawal:
             tail = attention_mask[:, -after_prompt:].to(torch.bool)
         self._reduced_2d_mask = torch.cat([self.plan.kept_attention_mask, tail], dim=1)
         if kwargs.get("position_ids") is None:
-            # Without explicit positions a decoder counts them from its layer-0 cache, which is
-            # reduced when K = 0. Models with multimodal rotary positions (Qwen2-VL) derive them
-            # from the attention mask instead, so they get a full one; the others get positions.
             total = self._seen_tokens + new_tokens
-            if hasattr(getattr(self.model, "model", None), "get_rope_index"):
-                if attention_mask is None:
-                    kwargs = {
-                        **kwargs,
-                        "attention_mask": torch.ones(
-                            input_ids.shape[0], total, dtype=torch.long, device=input_ids.device
-                        ),
-                    }
-            else:
+            if self.decoding_positions == "count":
                 positions = torch.arange(self._seen_tokens, total, device=input_ids.device)
                 kwargs = {**kwargs, "position_ids": positions[None].expand(input_ids.shape[0], -1)}
+            elif attention_mask is None:
+                full_mask = torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)
+                kwargs = {**kwargs, "attention_mask": full_mask}
         self._seen_tokens += new_tokens
         return args, kwargs
 
@@ -292,27 +256,31 @@ class VisualTokenWithdrawal:
 
     def _mask_for(self, layer_index: int, hidden: torch.Tensor, cache) -> torch.Tensor | None:
         """The attention mask of a withdrawn layer, built once per call and mask kind."""
-        kind = self._mask_kind(layer_index)
+        kind = layer_mask_kind(self.language_model.config, layer_index)
         if kind not in self._layer_masks:
-            self._layer_masks[kind] = self._make_mask(layer_index, hidden, self._reduced_2d_mask, cache)
+            self._layer_masks[kind] = withdrawn_layer_mask(
+                self.language_model.config, layer_index, hidden, self._reduced_2d_mask, cache
+            )
         return self._layer_masks[kind]
 
-    def _mask_kind(self, layer_index: int) -> str:
-        config = self.language_model.config
-        if getattr(config, "layer_types", None) is not None:
-            return config.layer_types[layer_index]
-        return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
 
-    def _make_mask(self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache) -> torch.Tensor | None:
-        """A mask in the format the layer's attention implementation wants, by transformers' own
-        functions, sized against this layer's cache (which holds the kept tokens only)."""
-        sliding = self._mask_kind(layer_index) == "sliding_attention"
-        make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-        # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
-        return make_mask(
-            self.language_model.config,
-            hidden,
-            mask_2d,
-            cache,
-            layer_idx=layer_index if cache is not None else None,
-        )
+def layer_mask_kind(config, layer_index: int) -> str:
+    """``full_attention`` or ``sliding_attention``: which mask a decoder layer takes."""
+    if getattr(config, "layer_types", None) is not None:
+        return config.layer_types[layer_index]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def withdrawn_layer_mask(
+    config, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache
+) -> torch.Tensor | None:
+    """The attention mask of decoder layer ``layer_index`` over a reduced sequence: built by
+    transformers' own mask functions, in the format the attention implementation wants, sized
+    against that layer's cache (which holds the kept tokens only) or against no cache.
+
+    ``hidden`` is the layer's input (batch, tokens, features); ``mask_2d`` (batch, cached + tokens)
+    is False at padding and at the spare slots of rows that kept fewer tokens."""
+    sliding = layer_mask_kind(config, layer_index) == "sliding_attention"
+    make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+    # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
+    return make_mask(config, hidden, mask_2d, cache, layer_idx=layer_index if cache is not None else None)

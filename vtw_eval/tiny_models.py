@@ -102,11 +102,13 @@ def tiny_text_config(vocab_size: int, num_layers: int) -> LlamaConfig:
     )
 
 
-def tiny_vision_config(image_size: int = 32, patch_size: int = 8) -> CLIPVisionConfig:
+def tiny_vision_config(
+    image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, num_layers: int = 2
+) -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch_size,
@@ -176,14 +178,7 @@ def random_llava(
     width scaled to fit a CPU; the vision tower is one thin layer, since VTW does not change it.
     """
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    vision = tiny_vision_config(image_size, patch_size, hidden_size=64, num_layers=1)
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

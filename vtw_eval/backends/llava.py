@@ -6,7 +6,6 @@ Prompts are built as lmms-eval's built-in ``llava_hf`` builds them, so a run wit
 
 from __future__ import annotations
 
-from PIL import Image
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
@@ -33,8 +32,6 @@ class VTWLlava(VTWBackend):
     }
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:
-        if any(not isinstance(visual, Image.Image) for visual in visuals):
-            raise ValueError(f"{type(self).__name__} takes images, not videos")
         if visuals and IMAGE_TOKEN not in context:
             context = " ".join([IMAGE_TOKEN] * len(visuals)) + "\n" + context
         template = self.chat_template or self.tokenizer.chat_template or VICUNA_CHAT_TEMPLATE

@@ -7,14 +7,18 @@ image and video pad tokens; the vision start/end markers stay (see README).
 
 from __future__ import annotations
 
+import numpy as np
+from lmms_eval.models.model_utils.load_video import load_video_decord
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+from vtw_eval.backends import arguments
 from vtw_eval.backends.base import Visual, VTWBackend
 
 
 class VTWQwen2VL(VTWBackend):
     model_classes = {"qwen2_vl": Qwen2VLForConditionalGeneration}
+    decoding_positions = "from_attention_mask"  # multimodal rotary positions follow the 2D mask
 
     def __init__(
         self,
@@ -22,13 +26,19 @@ class VTWQwen2VL(VTWBackend):
         min_pixels: int = 3136,
         max_pixels: int = 602112,
         system_prompt: str | None = "You are a helpful assistant.",
+        max_num_frames: int = 32,
         **kwargs,
     ) -> None:
         super().__init__(pretrained, **kwargs)
+        self.max_num_frames = arguments.positive_int("max_num_frames", max_num_frames)
         for processor in (self.processor.image_processor, getattr(self.processor, "video_processor", None)):
             if processor is not None:  # the pixel budget decides how many visual tokens an image gets
                 processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         self.system_prompt = system_prompt
+
+    def _video_frames(self, path: str) -> np.ndarray:
+        """``max_num_frames`` frames spread evenly over the video, read as lmms-eval reads them."""
+        return load_video_decord(path, self.max_num_frames)
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:
         parts = [{"type": "image" if isinstance(v, Image.Image) else "video"} for v in visuals]

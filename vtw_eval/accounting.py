@@ -1,0 +1,136 @@
+"""What each request cost: token counts, FLOPs and KV-cache bytes (vtw_eval.cost) and measured
+time, one JSON line per request, and the averages lmms-eval puts under ``throughput``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from loguru import logger
+
+from vtw_eval.cost import DecoderGeometry, request_figures
+from vtw_eval.files import write_atomically
+
+
+class CallTimer:
+    """Times a model's forward calls during one ``generate``: the first is the prefill.
+
+    Synchronises every CUDA device the model has parameters on, so that a model split over
+    devices is timed to the end of its work, not to the last kernel launch."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self.decode_calls = 0
+
+    def _sync(self) -> None:
+        for device in self.devices:
+            torch.cuda.synchronize(device)
+
+    def _before(self, module, args, kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, kwargs, output):
+        self._sync()
+        elapsed = time.perf_counter() - self._start
+        if self._calls == 0:
+            self.prefill_seconds += elapsed
+        else:
+            self.decode_seconds += elapsed
+            self.decode_calls += 1
+        self._calls += 1
+
+    def __enter__(self) -> "CallTimer":
+        self._calls = 0
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def default_accounting_file(stem: str, rank: int) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    return Path("results/accounting") / f"{stem}_{stamp}_rank{rank}.jsonl"
+
+
+class RequestAccounting:
+    """Owns the per-request records of one ``generate_until`` call, their file and the report."""
+
+    def __init__(self, model: torch.nn.Module, path: Path):
+        self.geometry = DecoderGeometry.from_config(model.config)
+        self.kv_dtype_bytes = torch.finfo(model.dtype).bits // 8
+        self.path = path
+        self.records: list[dict] = []
+        self.timers: list[CallTimer] = []
+
+    def add_batch(
+        self,
+        requests: list[tuple[str, int]],
+        prompt_tokens: list[int],
+        visual_tokens: list[int],
+        generated_tokens: list[int],
+        withdraw_layer: int | None,
+        timer: CallTimer,
+    ) -> None:
+        """One generated batch: its (task, doc_id) requests, their token counts and its timer."""
+        self.timers.append(timer)
+        for (task, doc_id), n, visual, generated in zip(requests, prompt_tokens, visual_tokens, generated_tokens):
+            figures = request_figures(self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes)
+            self.records.append(
+                {
+                    "task": task,
+                    "doc_id": doc_id,
+                    **figures,
+                    "batch_size": len(requests),
+                    "batch_prefill_seconds": timer.prefill_seconds,
+                    "batch_decode_seconds": timer.decode_seconds,
+                    "batch_decode_steps": timer.decode_calls,
+                }
+            )
+
+    def report(self) -> None:
+        """Averages into lmms-eval's results (``throughput``); every request into a JSON Lines file."""
+        if not self.records:
+            return
+        records, timers = self.records, self.timers
+
+        def mean(key: str) -> float:
+            return sum(r[key] for r in records) / len(records)
+
+        total_seconds = sum(t.prefill_seconds + t.decode_seconds for t in timers)
+        total_generated = sum(r["generated_tokens"] for r in records)
+        decode_steps = sum(t.decode_calls for t in timers)
+        log_metrics(
+            total_elapsed_time=total_seconds,
+            total_gen_tokens=total_generated,
+            avg_speed=total_generated / total_seconds if total_seconds > 0 else 0.0,
+            additional_metrics={
+                "withdraw_layer": mean("withdraw_layer"),
+                "visual_tokens": mean("visual_tokens"),
+                "kept_tokens": mean("kept_tokens"),
+                "prefill_tflops_baseline": mean("prefill_flops_baseline") / 1e12,
+                "prefill_tflops_vtw": mean("prefill_flops_vtw") / 1e12,
+                "prefill_flops_saved": mean("prefill_flops_saved"),
+                "kv_cache_mb_baseline": mean("kv_cache_bytes_baseline") / 2**20,
+                "kv_cache_mb_vtw": mean("kv_cache_bytes_vtw") / 2**20,
+                "kv_cache_saved": mean("kv_cache_saved"),
+                "prefill_seconds_per_batch": sum(t.prefill_seconds for t in timers) / len(timers),
+                "decode_seconds_per_step": sum(t.decode_seconds for t in timers) / decode_steps
+                if decode_steps
+                else 0.0,
+            },
+        )
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        write_atomically(self.path, lines.encode())
+        logger.info(f"VTW per-request figures: {self.path}")

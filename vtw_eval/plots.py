@@ -1,0 +1,23 @@
+"""Saving matplotlib figures as PNG files, atomically, with no display needed."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on CI or GPU servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from vtw_eval.files import write_atomically  # noqa: E402
+
+
+def save_png(figure: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``figure`` to ``path`` as a PNG (never half-written) and close it."""
+    png = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(png, format="png", dpi=dpi)
+    plt.close(figure)
+    write_atomically(Path(path), png.getvalue())
+    return Path(path)
