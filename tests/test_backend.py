@@ -198,3 +198,42 @@ def test_bad_calibration_doc_count_is_refused(monkeypatch, value):
     monkeypatch.setenv("VTW_CALIBRATION_DOCS", value)
     with pytest.raises(ValueError, match=rf"VTW_CALIBRATION_DOCS='{value}' is not accepted; use a positive integer"):
         calibration_docs_wanted()
+
+
+def test_decoding_stops_at_a_stop_string_with_the_answer_cutting_gives(tiny_llava_path):
+    lm = backend(tiny_llava_path, 1)
+    gen_kwargs = {"max_new_tokens": 8, "temperature": 0, "do_sample": False}
+    args = (QUESTIONS[0], dict(gen_kwargs), doc_to_visual, 0, "tiny", "test")
+    (full,) = lm.generate_until([request("generate_until", args)])
+    words = full.split(" ")  # the tiny tokenizer is word-level: one token per word
+    position = next(p for p in range(1, len(words)) if words[p] not in words[:p])
+    stop_word = words[position]
+
+    calls = []
+    lm.model.register_forward_pre_hook(lambda module, a, kw: calls.append(1), with_kwargs=True)
+    args = (QUESTIONS[0], {**gen_kwargs, "until": [stop_word]}, doc_to_visual, 0, "tiny", "test")
+    (cut,) = lm.generate_until([request("generate_until", args)])
+    assert cut == full.split(stop_word)[0].strip()
+    assert len(calls) == position + 1  # the prefill gives word 0; one decoding step per later word
+
+
+def test_batched_loglikelihood_equals_one_by_one(tiny_llava_path):
+    continuations = [" Yes", " No it is red", " Yes", " two squares"]
+    arguments = [
+        (doc["question"], continuation, doc_to_visual, i, "tiny", "test")
+        for i, (doc, continuation) in enumerate(zip(docs(), continuations))
+    ]
+    one_by_one = [backend(tiny_llava_path, 1).loglikelihood([request("loglikelihood", a)])[0] for a in arguments]
+    batched = backend(tiny_llava_path, 1, batch_size=3).loglikelihood([request("loglikelihood", a) for a in arguments])
+    assert [greedy for _, greedy in batched] == [greedy for _, greedy in one_by_one]
+    for (got, _), (want, _) in zip(batched, one_by_one):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert len({round(value, 3) for value, _ in one_by_one}) > 2  # different requests, different values
+
+
+def test_response_cache_on_the_command_line_is_seen():
+    from vtw_eval.backends.base import response_cache_requested
+
+    assert response_cache_requested(["lmms-eval", "--model", "vtw_llava", "--use_cache", "/tmp/c"])
+    assert response_cache_requested(["lmms-eval", "--use_cache=/tmp/c"])
+    assert not response_cache_requested(["lmms-eval", "--model_args", "use_cache=True"])

@@ -157,6 +157,16 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
     )
     assert json.loads(results_file.read_text())["throughput"]["avg_withdraw_layer"] == record["withdraw_layer"]
 
+    # lmms-eval's response cache keys on the model_args string, blind to the K auto resolves to.
+    with pytest.raises(RuntimeError, match="lmms-eval failed"):
+        run_lmms_eval(
+            "vtw_llava", common + ",withdraw_layer=auto", "vtw_tiny_mme", tmp_path / "cached",
+            "--use_cache", str(tmp_path / "response_cache"),
+        )  # fmt: skip
+    log = (tmp_path / "cached" / "lmms_eval.log").read_text()
+    assert f"Pass withdraw_layer={record['withdraw_layer']} (what auto resolves to now" in log
+    assert not list((tmp_path / "cached").glob("*/*_results.json"))
+
 
 def test_auto_without_a_calibration_file_is_refused(tiny_llava_path, tmp_path):
     with pytest.raises(ValueError, match="withdraw_layer=auto: no calibration file"):
