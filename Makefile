@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock check-latest demo test
+.PHONY: install lock check-latest testbed-cache demo test
 
 # Exactly the lock, nothing resolved: a fresh venv, every locked package without its dependencies,
 # then the project itself (no build isolation: the locked setuptools builds it), then pip's check
@@ -29,7 +29,14 @@ lock:
 check-latest: install
 	$(PY) scripts/check_latest.py
 
-demo: install
+# The testbed's data under the built-in tasks' hub ids, in a cache folder of this project's.
+results/hf_home/.written: $(VENV)/.installed vtw_eval/testbed/hub_cache.py $(wildcard testbed/data/*/test/*.arrow)
+	$(PY) scripts/make_testbed_cache.py --hf-home results/hf_home
+	touch $@
+
+testbed-cache: results/hf_home/.written
+
+demo: install testbed-cache
 	$(PY) scripts/demo.py
 
 test: install

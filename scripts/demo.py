@@ -1,7 +1,9 @@
 """The main job on the embedded default, offline, through the lmms-eval CLI: the testbed LLaVA
-(testbed/model) on the miniature benchmarks (tasks/vtw_testbed).
+(testbed/model) on the miniature benchmarks (testbed/data), run as lmms-eval's built-in tasks
+(mme, pope, scienceqa_img, gqa, textvqa_val, mmbench_en_dev_static, coco2017_cap_val) from a
+datasets cache of this project's (`make testbed-cache` writes it to results/hf_home).
 
-1. calibrate K (vtw_calibration_testbed);
+1. calibrate K (the vtw_calibration group: 20 docs each of ScienceQA-IMG, MME and GQA);
 2. evaluate the baseline (withdraw_layer=none), VTW at the calibrated K (withdraw_layer=auto) and
    K=0 (no decoder layer sees the image);
 3. print one table (vtw-diff: task, metric, baseline, VTW, delta; then the compute saved) with
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from tqdm import tqdm
 from vtw_eval.diff import efficiency_rows, load_run, metric_rows, render
 from vtw_eval.files import write_atomically
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
+from vtw_eval.tasks import TASKS_DIR
+from vtw_eval.testbed.hub_cache import TASK_NAMES, hub_environment
 from vtw_eval.testbed.tasks import CHANCE, check_claims
 
 
@@ -32,25 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(REPO_ROOT / "testbed" / "model"))
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo"))
     parser.add_argument("--limit", type=int, help="docs per task (a quick check); default all")
+    parser.add_argument("--hf-home", default=str(REPO_ROOT / "results" / "hf_home"), help="the testbed's cache")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    env = hub_environment(args.hf_home)
+    if not (Path(env["HF_DATASETS_CACHE"]) / "lmms-lab-encoder___mme").is_dir():
+        parser.error(f"--hf-home {args.hf_home}: no testbed cache there; run `make testbed-cache` first")
     out = Path(args.out)
+    tasks = ",".join(TASK_NAMES)
     common = f"pretrained={args.model},device=cpu,calibration_dir={out / 'calibration'}"
     limit = ["--limit", str(args.limit)] if args.limit else []
     steps = [  # (name, withdraw_layer, tasks)
-        ("calibration", "none", "vtw_calibration_testbed"),
-        ("baseline", "none", "vtw_testbed"),
-        ("vtw", "auto", "vtw_testbed"),
-        ("k0", "0", "vtw_testbed"),
+        ("calibration", "none", "vtw_calibration"),
+        ("baseline", "none", tasks),
+        ("vtw", "auto", tasks),
+        ("k0", "0", tasks),
     ]
     results_files = {}
-    for name, layer, tasks in tqdm(steps, desc="lmms-eval runs"):
+    for name, layer, run_tasks in tqdm(steps, desc="lmms-eval runs"):
         model_args = f"{common},withdraw_layer={layer},accounting_file={out / name / 'requests.jsonl'}"
         results_files[name] = run_lmms_eval(
-            "vtw_llava", model_args, tasks, out / name, "--batch_size", "8", "--log_samples", *limit
-        )
-    record = json.loads(results_files["calibration"].read_text())["results"]["vtw_calibration_testbed"]
+            "vtw_llava", model_args, run_tasks, out / name, "--batch_size", "8", "--log_samples", *limit,
+            include_path=TASKS_DIR, env=env,
+        )  # fmt: skip
+    record = json.loads(results_files["calibration"].read_text())["results"]["vtw_calibration"]
     record = record["vtw_calibration,none"]
     print(f"calibration: {record['message']} ({record['num_samples']} samples); plot {record['plot']}")
 

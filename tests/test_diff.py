@@ -144,3 +144,45 @@ def test_multiple_choice_answers_compare_the_chosen_option(tmp_path, capsys):
     (change,) = json.loads(out)["sample_changes"]
     assert (change["changed"], change["compared"]) == (1, 2)
     assert change["examples"] == [[1, "option 1", "option 0"]]
+
+
+def test_gate_fails_on_missing_tasks_metrics_and_nan(tmp_path, capsys):
+    hib = {"t": {"acc": True}, "u": {"acc": True}}
+    base = results_file(
+        tmp_path / "a_results.json", {"t": {"acc,none": 0.6, "f1,none": 0.5}, "u": {"acc,none": 0.4}}, hib
+    )
+    lost_task = results_file(tmp_path / "b_results.json", {"t": {"acc,none": 0.6, "f1,none": 0.5}}, hib)
+    lost_metric = results_file(tmp_path / "c_results.json", {"t": {"acc,none": 0.6}, "u": {"acc,none": 0.4}}, hib)
+    nan = results_file(
+        tmp_path / "d_results.json", {"t": {"acc,none": float("nan"), "f1,none": 0.5}, "u": {"acc,none": 0.4}}, hib
+    )
+    same = results_file(
+        tmp_path / "e_results.json", {"t": {"acc,none": 0.6, "f1,none": 0.5}, "u": {"acc,none": 0.4}}, hib
+    )
+    code, _, err = run_diff(capsys, base, lost_task, "--fail-on-drop", "0")
+    assert code == 1 and "u acc: missing in" in err
+    code, _, err = run_diff(capsys, base, lost_metric, "--fail-on-drop", "0")
+    assert code == 1 and "t f1: missing in" in err  # no higher_is_better known, still a loss
+    code, _, err = run_diff(capsys, base, nan, "--fail-on-drop", "0")
+    assert code == 1 and "t acc: N/A or NaN in" in err
+    assert run_diff(capsys, base, same, "--fail-on-drop", "0")[0] == 0  # identical runs pass at 0
+    assert run_diff(capsys, base, lost_task)[0] == 0  # without the gate, only listed
+
+
+@pytest.mark.parametrize("threshold", ["-1", "nan", "inf", "abc"])
+def test_gate_threshold_must_be_a_finite_number(tmp_path, capsys, threshold):
+    base = results_file(tmp_path / "a_results.json", {"t": {"acc,none": 0.6}})
+    other = results_file(tmp_path / "b_results.json", {"t": {"acc,none": 0.6}})
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(base), str(other), "--fail-on-drop", threshold])
+    assert exit_info.value.code == 2
+    assert f"--fail-on-drop: {threshold!r} is not accepted; use a finite number >= 0" in capsys.readouterr().err
+
+
+def test_same_file_twice_and_samples_without_files(tmp_path, capsys):
+    base = results_file(tmp_path / "a_results.json", {"t": {"acc,none": 0.6}})
+    other = results_file(tmp_path / "b_results.json", {"t": {"acc,none": 0.6}})
+    code, _, err = run_diff(capsys, base, tmp_path / "." / "a_results.json")
+    assert code == 2 and "the same results file is given more than once" in err
+    code, _, err = run_diff(capsys, base, other, "--samples")
+    assert code == 0 and "no samples files to compare" in err

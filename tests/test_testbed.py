@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import load_from_disk
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vtw_eval.run import REPO_ROOT
+from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.run import REPO_ROOT, run_lmms_eval
+from vtw_eval.testbed.hub_cache import BUILT_IN_TASKS, TASK_NAMES, hub_environment, write_hub_cache
 from vtw_eval.testbed.tasks import (
     CHANCE,
     TASKS,
@@ -24,7 +28,7 @@ from vtw_eval.testbed.tasks import (
 from vtw_eval.testbed.train import build_testbed, train, withdrawn_kl
 
 MODEL = REPO_ROOT / "testbed" / "model"
-DATA = REPO_ROOT / "tasks" / "vtw_testbed" / "data"
+DATA = REPO_ROOT / "testbed" / "data"
 
 
 @pytest.mark.parametrize("task, builder", [(task, None) for task in TASKS] + [("gqa", gqa_training_docs)])
@@ -85,17 +89,84 @@ def test_committed_testbed_answers_held_out_questions():
     assert correct >= 6  # of 8; chance is 2
 
 
-def test_miniature_benchmarks_load_through_lmms_eval_task_code():
-    from lmms_eval.tasks import TaskManager, get_task_dict
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    """The testbed's datasets cache under the built-in tasks' hub ids, private to this test run."""
+    home = tmp_path_factory.mktemp("hf_home")
+    write_hub_cache(DATA, home)
+    return home
 
-    manager = TaskManager(include_path=str(REPO_ROOT / "tasks"))
-    tasks = get_task_dict(["vtw_testbed"], manager)
-    (group,) = tasks.values()
-    assert {task for task in group} == set(CHANCE)
-    for name, task in group.items():
-        docs = task.test_docs()
-        assert len(docs) >= 40
-        assert isinstance(task.doc_to_text(docs[0]), str) and task.doc_to_visual(docs[0])
+
+@pytest.fixture(scope="module")
+def built_in_run(hf_home, tmp_path_factory):
+    """The seven built-in task names through the CLI, 4 docs each, at K=3, from the private cache."""
+    out = tmp_path_factory.mktemp("built_in")
+    default_cache = Path.home() / ".cache" / "huggingface" / "datasets"
+    before = sorted(default_cache.glob("lmms-lab-encoder*")) if default_cache.exists() else []
+    model_args = f"pretrained={MODEL},device=cpu,withdraw_layer=3,accounting_file={out}/r.jsonl"
+    env = hub_environment(hf_home)
+    results = run_lmms_eval(
+        "vtw_llava",
+        model_args,
+        ",".join(TASK_NAMES),
+        out,
+        "--limit",
+        "4",
+        "--batch_size",
+        "4",
+        "--log_samples",
+        env=env,
+    )
+    after = sorted(default_cache.glob("lmms-lab-encoder*")) if default_cache.exists() else []
+    return results, before, after
+
+
+@pytest.mark.parametrize("folder", sorted(BUILT_IN_TASKS))
+def test_built_in_task_names_answer_as_the_engine_does(built_in_run, folder):
+    from lmms_eval.tasks import TaskManager
+
+    results_file, _, _ = built_in_run
+    name, _ = BUILT_IN_TASKS[folder]
+    assert name in json.loads(results_file.read_text())["results"]
+    samples = next(results_file.parent.glob(f"*_samples_{name}.jsonl")).read_text().splitlines()
+    answers = {json.loads(line)["doc_id"]: json.loads(line)["filtered_resps"] for line in samples}
+
+    config = TaskManager()._get_config(name)  # the built-in YAML: prompt function, its kwargs, generation
+    kwargs = (config.get("lmms_eval_specific_kwargs") or {}).get("default")
+    gen = config.get("generation_kwargs") or {}
+    model = LlavaForConditionalGeneration.from_pretrained(MODEL).eval()
+    processor = AutoProcessor.from_pretrained(MODEL)
+    VisualTokenWithdrawal(model, withdraw_layer=3)
+    docs = load_from_disk(str(DATA / folder))["test"]
+    for doc_id in sorted(answers):
+        doc = docs[doc_id]
+        images = [image.convert("RGB") for image in config["doc_to_visual"](doc)]
+        question = config["doc_to_text"](doc, kwargs) if kwargs else config["doc_to_text"](doc)
+        text = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "<image>\n" * len(images) + question}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        inputs = processor(images=images, text=[text], return_tensors="pt")
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=gen.get("max_new_tokens", 1024), do_sample=False)
+        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for stop in gen.get("until", []):
+            answer = answer.split(stop)[0]
+        assert answers[doc_id] == answer.strip(), (name, doc_id)
+
+
+def test_built_in_runs_write_only_into_the_private_cache(built_in_run, hf_home):
+    _, before, after = built_in_run
+    assert before == after  # the user's own datasets cache is untouched
+    assert not list(DATA.rglob("cache-*"))  # nothing beside the committed data
+    assert (hf_home / "datasets" / "lmms-lab-encoder___gqa" / "testdev_balanced_images").is_dir()
+
+
+def test_the_cache_writer_refuses_a_real_hugging_face_cache(tmp_path):
+    (tmp_path / "hub").mkdir()
+    with pytest.raises(ValueError, match="looks like a real Hugging Face cache"):
+        write_hub_cache(DATA, tmp_path)
 
 
 def test_claims_on_hand_made_scores():
@@ -120,13 +191,13 @@ def test_claims_on_hand_made_scores():
 
 
 @pytest.fixture(scope="module")
-def demo_claims(tmp_path_factory) -> dict[str, bool]:
+def demo_claims(tmp_path_factory, hf_home) -> dict[str, bool]:
     """The main job end to end (calibrate, baseline, VTW at the calibrated K, K=0); claim letter ->
     met. All docs: lmms-eval's start-up dominates (a 40-doc subset takes as long), and on a subset
     POPE's answer prior is no longer balanced."""
     out = tmp_path_factory.mktemp("demo")
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--out", str(out)],
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--out", str(out), "--hf-home", str(hf_home)],
         check=True,
         cwd=REPO_ROOT,
     )
@@ -144,3 +215,30 @@ def test_demo_baseline_far_above_chance(demo_claims):
 
 def test_demo_vtw_at_calibrated_k_within_2_points(demo_claims):
     assert demo_claims["c"]
+
+
+def test_installed_wheel_runs_the_calibration_group_from_anywhere(hf_home, tmp_path):
+    """A wheel of the checkout, installed without dependencies (not editable) into a folder of its
+    own, runs `--tasks vtw_calibration` from a folder outside the checkout."""
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, REPO_ROOT], check=True)
+    (wheel,) = wheels.glob("vtw_eval-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True)
+    env = {**os.environ, **hub_environment(hf_home), "PYTHONPATH": str(site), "VTW_CALIBRATION_DOCS": "2"}
+    where = subprocess.run(
+        [sys.executable, "-m", "vtw_eval.tasks"], cwd=elsewhere, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert where.startswith(str(site)) and Path(where, "vtw_calibration", "vtw_calibration.yaml").is_file()
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "vtw_llava", "--tasks", "vtw_calibration",
+        "--model_args", f"pretrained={MODEL},device=cpu,withdraw_layer=none,calibration_dir={tmp_path}/cal",
+        "--output_path", str(tmp_path / "out"), "--verbosity", "DEBUG", "--include_path", where,
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (results,) = (tmp_path / "out").glob("*/*_results.json")
+    record = json.loads(results.read_text())["results"]["vtw_calibration"]["vtw_calibration,none"]
+    assert record["num_samples"] == 6 and len(record["mean_kl"]) == 9  # 2 docs of each subset; 8 layers
+    assert len(list((tmp_path / "cal").glob("*.json"))) == 1

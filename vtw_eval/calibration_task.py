@@ -1,4 +1,4 @@
-"""lmms-eval task hooks of the calibration groups (tasks/vtw_calibration, tasks/vtw_*/vtw_calibration_*).
+"""lmms-eval task hooks of the calibration groups (vtw_eval/tasks/vtw_calibration, tasks/vtw_tiny).
 
 The vtw backends answer a calibration request with the prompt's per-layer KL as JSON
 (``VTWBackend`` recognises ``generation_kwargs: {vtw_calibration: true}``); these hooks gather

@@ -194,19 +194,36 @@ def _answer(response) -> str:
 
 
 def drops(rows: list[dict], runs: list[Run], threshold: float) -> list[str]:
-    """Metrics that got worse than the baseline by more than ``threshold`` (in metric units)."""
+    """What fails a regression gate: every metric worse than the baseline by more than
+    ``threshold`` (in metric units), and every metric the baseline has a number for that a
+    candidate lacks or reports as N/A or NaN (a gate must not pass on missing results)."""
     found = []
     for row in rows:
-        if row["higher_is_better"] is None:
+        if row[runs[0].label] is None:
             continue
         for run in runs[1:]:
-            delta = row.get(f"{run.label} delta")
-            if delta is None:
+            if row[run.label] is None:
+                what = "missing" if (row["task"], row["metric"]) not in run.metrics else "N/A or NaN"
+                found.append(f"{row['task']} {row['metric']}: {what} in {run.label}, the baseline has a number")
                 continue
+            if row["higher_is_better"] is None:
+                continue
+            delta = row[f"{run.label} delta"]
             worse_by = -delta if row["higher_is_better"] else delta
             if worse_by > threshold:
                 found.append(f"{row['task']} {row['metric']}: {run.label} worse by {worse_by:.4g} (> {threshold:g})")
     return found
+
+
+def drop_threshold(text: str) -> float:
+    """``--fail-on-drop``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted; use a finite number >= 0 (metric units)")
+    return value
 
 
 def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: list[dict] | None, fmt: str) -> str:
@@ -275,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="table", choices=FORMATS)
     parser.add_argument(
         "--fail-on-drop",
-        type=float,
+        type=drop_threshold,
         metavar="X",
-        help="exit 1 when a metric gets worse than the baseline by more than X (metric units)",
+        help="exit 1 when a metric gets worse than the baseline by more than X (metric units, >= 0), "
+        "or when a candidate lacks a metric the baseline has",
     )
     parser.add_argument("--samples", action="store_true", help="compare --log_samples answers doc by doc")
     args = parser.parse_args(argv)
@@ -288,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--labels has {len(labels)} labels for {len(args.paths)} paths")
     try:
         runs = [load_run(path, label) for path, label in zip(args.paths, labels)]
+        files = [run.results_file.resolve() for run in runs]
+        twice = sorted({str(f) for f in files if files.count(f) > 1})
+        if twice:
+            raise ValueError(f"the same results file is given more than once: {', '.join(twice)}")
         seen = set()
         for index, run in enumerate(runs):  # labels are column names: keep them distinct
             if run.label in seen:
@@ -299,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vtw-diff: {error}", file=sys.stderr)
         return 2
     print(render(runs, rows, efficiency_rows(runs), changes, args.format))
+    if changes == []:
+        print("vtw-diff --samples: no samples files to compare (run lmms-eval with --log_samples)", file=sys.stderr)
     if args.fail_on_drop is not None:
         found = drops(rows, runs, args.fail_on_drop)
         for line in found:

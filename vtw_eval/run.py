@@ -6,6 +6,7 @@ always passes it, and also checks that a new ``*_results.json`` appeared.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,13 @@ def run_lmms_eval(
     include_path: str | Path = REPO_ROOT / "tasks",
     log_file: str | Path | None = None,
     processes: int = 1,
+    env: dict[str, str] | None = None,
 ) -> Path:
     """Evaluate ``tasks`` with ``model`` from the repository root; raise if no results were written.
 
-    ``processes`` > 1 launches data-parallel ranks with accelerate (on CPU too).
+    ``processes`` > 1 launches data-parallel ranks with accelerate (on CPU too); ``env`` adds
+    environment variables (e.g. ``vtw_eval.testbed.hub_cache.hub_environment``). The package's own
+    tasks (vtw_calibration) are in ``vtw_eval.tasks.TASKS_DIR``.
     """
     before = newest_results_file(output_path)
     launcher = []
@@ -70,7 +74,13 @@ def run_lmms_eval(
     Path(output_path).mkdir(parents=True, exist_ok=True)
     log_file = Path(log_file or Path(output_path) / "lmms_eval.log")
     with open(log_file, "a") as log:
-        completed = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        completed = subprocess.run(
+            command,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
     after = newest_results_file(output_path)
     if completed.returncode != 0 or after is None or after == before:
         raise RuntimeError(

@@ -29,7 +29,7 @@ from vtw_eval.calibration import DEFAULT_KL_THRESHOLD, layer_kl_divergences
 from vtw_eval.calibration_file import calibration_file_stem, load_calibration, model_identity
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.registry import BACKENDS
-from vtw_eval.run import REPO_ROOT
+from vtw_eval.tasks import TASKS_DIR
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -181,7 +181,7 @@ class VTWBackend(lmms):
         model = next(name for name, path in BACKENDS.items() if path.endswith(f".{type(self).__name__}"))
         return (
             f"lmms-eval --model {model} --model_args pretrained={self.pretrained},withdraw_layer=none,"
-            f"calibration={self.calibration_file} --tasks vtw_calibration --include_path {REPO_ROOT / 'tasks'}"
+            f"calibration={self.calibration_file} --tasks vtw_calibration --include_path {TASKS_DIR}"
         )
 
     def _resolve_withdraw_layer(self, value) -> int | None:

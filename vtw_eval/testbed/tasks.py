@@ -270,13 +270,13 @@ TASKS: dict[str, tuple[Callable, bool, Callable[[dict], str], Callable[[dict], s
 # of four); TextVQA asks a digit (1 of 10) or a word (1 of 6), half each, and says which. COCO
 # captions have no chance level: K=0 (captions without the image) is their reference.
 CHANCE: dict[str, tuple[str, float | None]] = {
-    "vtw_testbed_mme": ("mme_perception_score", 4 * 75.0),
-    "vtw_testbed_gqa": ("exact_match", 0.3),
-    "vtw_testbed_scienceqa_img": ("exact_match", 0.25),
-    "vtw_testbed_mmbench_en_dev": ("gpt_eval_score", 100 / 3),
-    "vtw_testbed_textvqa_val": ("exact_match", (1 / 10 + 1 / 6) / 2),
-    "vtw_testbed_pope": ("pope_accuracy", 0.5),
-    "vtw_testbed_coco2017_cap_val": ("coco_CIDEr", None),
+    "mme": ("mme_perception_score", 4 * 75.0),
+    "gqa": ("exact_match", 0.3),
+    "scienceqa_img": ("exact_match", 0.25),
+    "mmbench_en_dev_static": ("gpt_eval_score", 100 / 3),
+    "textvqa_val": ("exact_match", (1 / 10 + 1 / 6) / 2),
+    "pope": ("pope_accuracy", 0.5),
+    "coco2017_cap_val": ("coco_CIDEr", None),
 }
 BEST = {"mme_perception_score": 800.0, "gpt_eval_score": 100.0, "exact_match": 1.0, "pope_accuracy": 1.0}
 
@@ -314,7 +314,7 @@ def check_claims(
         (
             claims[key],
             bool(items) and withdraws[key] and all(ok for _, ok, _ in items),
-            ", ".join(f"{t.removeprefix('vtw_testbed_')} {d}" for t, _, d in items),
+            ", ".join(f"{t} {d}" for t, _, d in items),
         )
         for key, items in found.items()
     ]
