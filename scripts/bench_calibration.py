@@ -14,7 +14,7 @@ from bench_speed import spread  # scripts/ is on the path when a script runs
 
 from vtw_eval.calibration import layer_kl_divergences
 from vtw_eval.engine import VisualTokenWithdrawal
-from vtw_eval.tiny_models import llava_prompt, random_llava
+from vtw_eval.small_llava import llava_prompt, random_llava
 
 
 def main(argv=None) -> None:

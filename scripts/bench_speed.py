@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in, cache_keyword
 from vtw_eval.files import write_atomically
-from vtw_eval.tiny_models import llava_prompt, random_llava
+from vtw_eval.small_llava import llava_prompt, random_llava
 
 
 def sync(device: torch.device) -> None:

@@ -14,7 +14,7 @@ from datasets import Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+from vtw_eval.testbed.scenes import COLOURS  # the testbed's colours: one table
 
 
 def make_docs(num_images: int, seed: int) -> list[dict]:

@@ -1,14 +1,13 @@
 """Evaluate the testbed at every withdrawal layer K = 0..L through the lmms-eval CLI and plot each
 task's score against K, next to the calibration's mean KL per layer.
 
-    python scripts/sweep_testbed.py      # after `make demo`, which writes the calibration file
+    python scripts/sweep_testbed.py      # after `make demo`: it writes the calibration file and the cache
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -18,6 +17,7 @@ from vtw_eval.calibration_file import calibration_file_stem, config_hash
 from vtw_eval.diff import load_run
 from vtw_eval.files import write_atomically
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
+from vtw_eval.testbed.hub_cache import TASK_NAMES, hub_environment
 from vtw_eval.testbed.tasks import BEST, CHANCE
 
 
@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("--calibration-dir", default=str(REPO_ROOT / "results" / "demo" / "calibration"))
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "sweep"))
     parser.add_argument("--limit", type=int, help="docs per task (a quick check); default all")
+    parser.add_argument("--hf-home", default=str(REPO_ROOT / "results" / "hf_home"), help="the testbed's cache")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    env = hub_environment(args.hf_home)  # written by `make testbed-cache`
     stem = calibration_file_stem(args.model, config_hash(AutoConfig.from_pretrained(args.model)))
     calibration = json.loads((Path(args.calibration_dir) / f"{stem}.json").read_text())
     num_layers = calibration["num_layers"]
@@ -39,7 +39,9 @@ def main() -> None:
     options = ["--batch_size", "8", *(["--limit", str(args.limit)] if args.limit else [])]
     for layer in tqdm(range(num_layers + 1), desc="withdraw_layer"):
         model_args = f"pretrained={args.model},device=cpu,withdraw_layer={layer},accounting_file={out}/k{layer}.jsonl"
-        results_file = run_lmms_eval("vtw_llava", model_args, "vtw_testbed", out / f"k{layer}", *options)
+        results_file = run_lmms_eval(
+            "vtw_llava", model_args, ",".join(TASK_NAMES), out / f"k{layer}", *options, env=env
+        )
         run = load_run(results_file)
         for task, (metric, _) in CHANCE.items():
             scores[task].append(run.metrics[(task, metric)]["value"])
@@ -53,8 +55,7 @@ def main() -> None:
     layers = range(num_layers + 1)
     for task, (metric, chance) in CHANCE.items():
         best = BEST.get(metric) or max(v for v in scores[task] if v is not None) or 1.0
-        label = task.removeprefix("vtw_testbed_")
-        scores_axes.plot(layers, [v / best for v in scores[task]], marker="o", label=f"{label} ({metric})")
+        scores_axes.plot(layers, [v / best for v in scores[task]], marker="o", label=f"{task} ({metric})")
     scores_axes.axvline(
         calibration["withdraw_layer"],
         color="green",

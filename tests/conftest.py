@@ -10,9 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_models import build_tiny_llava
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-from vtw_eval.tiny_models import build_tiny_llava
 
 NUM_LAYERS = 4
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import NUM_LAYERS, encode, picture
 from reference import reference_vtw_logits, visual_ids
+from tiny_models import build_tiny_llava_onevision, build_tiny_qwen2_vl
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.backends.llava import VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in
-from vtw_eval.tiny_models import build_tiny_llava_onevision, build_tiny_qwen2_vl
 
 BUILDERS = {
     "llava_onevision": build_tiny_llava_onevision,

@@ -237,3 +237,22 @@ def test_response_cache_on_the_command_line_is_seen():
     assert response_cache_requested(["lmms-eval", "--model", "vtw_llava", "--use_cache", "/tmp/c"])
     assert response_cache_requested(["lmms-eval", "--use_cache=/tmp/c"])
     assert not response_cache_requested(["lmms-eval", "--model_args", "use_cache=True"])
+
+
+def test_a_prompt_longer_than_the_models_positions_is_named_in_a_warning(tiny_llava_path):
+    from loguru import logger
+
+    lm = backend(tiny_llava_path, 1)
+    long_question = " ".join(["red"] * 600)  # the tiny model has 512 positions
+    lm.task_dict = {"tiny": {"test": [{"question": long_question, "images": [picture(0)]}]}}
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        args = (long_question, {"max_new_tokens": 1}, doc_to_visual, 0, "tiny", "test")
+        lm.generate_until([request("generate_until", args)])
+    finally:
+        logger.remove(sink)
+    assert any(
+        "task tiny doc 0: the prompt has" in str(m) and "more than the model's 512 positions" in str(m)
+        for m in messages
+    )

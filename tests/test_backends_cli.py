@@ -9,12 +9,12 @@ import av
 import numpy as np
 import pytest
 from lmms_eval.api.instance import Instance
+from tiny_models import build_tiny_llava, build_tiny_llava_onevision, build_tiny_qwen2_vl
 from transformers import AutoProcessor
 
 from vtw_eval.backends.qwen2_vl import VTWQwen2VL
 from vtw_eval.calibration import choose_withdraw_layer
 from vtw_eval.run import run_lmms_eval
-from vtw_eval.tiny_models import build_tiny_llava, build_tiny_llava_onevision, build_tiny_qwen2_vl
 
 BACKENDS = {
     "vtw_llava": lambda path: build_tiny_llava(

@@ -76,7 +76,8 @@ def test_calibration_file_round_trip_and_errors(tmp_path, tiny_llava_path):
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     how = "lmms-eval --model vtw_llava ..."
     assert load_calibration(json_path, identity, NUM_LAYERS, how)["withdraw_layer"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.png"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["tiny.json", "tiny.png"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary left
 
     with pytest.raises(ValueError, match=r"no calibration file .*missing.json; create it with:\n  lmms-eval"):
         load_calibration(tmp_path / "missing.json", identity, NUM_LAYERS, how)
@@ -140,7 +141,7 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
         "4",
     )
     record = json.loads(results_file.read_text())["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
-    files = sorted(p.name for p in calibration_dir.iterdir())
+    files = sorted(p.name for p in calibration_dir.iterdir() if not p.name.startswith("."))
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".png")
     on_disk = json.loads((calibration_dir / files[0]).read_text())
     assert on_disk["mean_kl"] == record["mean_kl"] and on_disk["withdraw_layer"] == record["withdraw_layer"]
@@ -171,3 +172,28 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
 def test_auto_without_a_calibration_file_is_refused(tiny_llava_path, tmp_path):
     with pytest.raises(ValueError, match="withdraw_layer=auto: no calibration file"):
         VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", device="cpu", calibration_dir=str(tmp_path))
+
+
+def test_a_threshold_given_with_auto_rechooses_k_from_the_curve_in_the_file(tmp_path, tiny_llava_path):
+    identity = model_identity(load_model(tiny_llava_path), str(tiny_llava_path))
+    mean_kl = [0.5, 0.02, 0.002, 0.0005, 0.0]
+    record = summarise({"s": {"num_samples": 2, "mean_kl": mean_kl}}, {**identity, "kl_threshold": 0.003})
+    json_path, _ = write_calibration(record, tmp_path / "tiny.json")
+    for threshold, expected in [(None, 2), (0.003, 2), (0.001, 3), (0.05, 1), (0.0, 4)]:
+        extra = {} if threshold is None else {"kl_threshold": threshold}
+        lm = VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", calibration=str(json_path),
+                      device="cpu", accounting_file=str(tmp_path / "a.jsonl"), **extra)  # fmt: skip
+        assert lm.withdrawal.withdraw_layer == expected, threshold
+
+
+def test_calibration_writers_hold_a_lock(tmp_path):
+    import fcntl
+
+    from vtw_eval.files import exclusive_lock
+
+    target = tmp_path / "tiny.json"
+    with exclusive_lock(target):
+        with open(tmp_path / ".tiny.json.lock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a second writer would wait here
+    with open(tmp_path / ".tiny.json.lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released

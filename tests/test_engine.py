@@ -178,9 +178,8 @@ def test_eager_and_sdpa_agree(tiny_llava_path, processor, withdraw_layer):
 
 @pytest.fixture(scope="module")
 def tiny_llava_next(tmp_path_factory):
+    from tiny_models import build_tiny_llava
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-    from vtw_eval.tiny_models import build_tiny_llava
 
     path = build_tiny_llava(tmp_path_factory.mktemp("tiny_llava_next"), num_layers=NUM_LAYERS, any_resolution=True)
     processor = AutoProcessor.from_pretrained(path)

@@ -60,7 +60,7 @@ def every_layer_last_hidden(
     hidden = None
     for index, layer in enumerate(language_model.layers):
         candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
-        hidden = candidate if hidden is None else torch.cat([hidden, candidate], dim=0)
+        hidden = candidate if hidden is None else torch.cat([hidden, candidate.to(hidden.device)], dim=0)
         copies = index + 1
         mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
         hidden = layer(
@@ -82,7 +82,7 @@ def layer_kl_divergences(withdrawal: VisualTokenWithdrawal, inputs: dict[str, to
     log_p = torch.log_softmax(
         withdrawal.model.get_output_embeddings()(last_hidden).float(), dim=-1
     )  # (L, batch, vocab)
-    kl = (log_p.exp() * (log_p - log_p_full)).sum(-1).T  # (batch, L)
+    kl = (log_p.exp() * (log_p - log_p_full.to(log_p.device))).sum(-1).T  # (batch, L)
     return torch.cat([kl, torch.zeros(kl.shape[0], 1, device=kl.device)], dim=1).cpu()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from lmms_eval.utils import sanitize_model_name
 
-from vtw_eval.files import write_atomically
+from vtw_eval.files import exclusive_lock, write_atomically
 
 CALIBRATION_FORMAT = 2
 # Config entries that do not change what the model computes at a given K.
@@ -89,12 +89,13 @@ def plot_calibration(record: dict, plot_path: Path) -> Path:
 
 
 def write_calibration(record: dict, path: str | Path) -> tuple[Path, Path]:
-    """The calibration JSON and its PNG plot beside it (same stem). The plot is written first
-    and the JSON names it, so a reader never pairs a JSON with another run's plot unknowingly."""
+    """The calibration JSON and its PNG plot beside it (same stem), each written atomically and
+    both under one lock, so that two calibrations writing the same file leave a pair from one run."""
     path = Path(path)
-    plot_path = plot_calibration(record, path.with_suffix(".png"))
-    record = {"format": CALIBRATION_FORMAT, **record, "plot": str(plot_path)}
-    write_atomically(path, (json.dumps(record, indent=2) + "\n").encode())
+    with exclusive_lock(path):
+        plot_path = plot_calibration(record, path.with_suffix(".png"))
+        record = {"format": CALIBRATION_FORMAT, **record, "plot": str(plot_path)}
+        write_atomically(path, (json.dumps(record, indent=2) + "\n").encode())
     return path, plot_path
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from vtw_eval.run import newest_results_file
+
 FORMATS = ("table", "markdown", "csv", "json")
 # What the vtw backends log per run (``throughput`` section, as ``avg_<key>``); see README.
 EFFICIENCY_KEYS = (
@@ -51,10 +53,10 @@ def find_results_file(path: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        files = sorted(path.rglob("*_results.json"), key=lambda p: (p.stat().st_mtime, p.name))
-        if files:
-            return files[-1]
-        raise ValueError(f"{path}: no lmms-eval *_results.json file in this directory")
+        newest = newest_results_file(path)
+        if newest is None:
+            raise ValueError(f"{path}: no lmms-eval *_results.json file in this directory")
+        return newest
     raise ValueError(f"{path}: no such file or directory")
 
 
@@ -177,18 +179,24 @@ def _answers(run: Run, task: str) -> dict | None:
     return answers
 
 
+def loglikelihood_pairs(responses: list) -> list[tuple[float, bool]] | None:
+    """A multiple-choice sample's (log-likelihood, is_greedy) per option, or None if it is not
+    one. lmms-eval 0.7.3 turns these responses into their string form before scoring and logging."""
+    try:
+        pairs = [ast.literal_eval(r) if isinstance(r, str) else r for r in responses]
+        return [(float(pair[0]), bool(pair[1])) for pair in pairs]
+    except (ValueError, SyntaxError, TypeError, IndexError):
+        return None
+
+
 def _answer(response) -> str:
     """A sample's answer: the generated text, or for multiple choice the chosen option's index.
-
-    Multiple-choice samples hold one (log-likelihood, is_greedy) pair per option; lmms-eval 0.7.3
-    logs them as strings. Comparing raw log-likelihoods would call every answer changed.
-    """
+    Comparing raw log-likelihoods would call every multiple-choice answer changed."""
     if isinstance(response, list) and response:
-        try:
-            pairs = [ast.literal_eval(r) if isinstance(r, str) else r for r in response]
-            log_likelihoods = [float(pair[0]) for pair in pairs]
-        except (ValueError, SyntaxError, TypeError, IndexError):
+        pairs = loglikelihood_pairs(response)
+        if pairs is None:
             return json.dumps(response)
+        log_likelihoods = [value for value, _ in pairs]
         return f"option {log_likelihoods.index(max(log_likelihoods))}"
     return response if isinstance(response, str) else json.dumps(response)
 

@@ -51,7 +51,9 @@ class WithdrawalPlan:
         """Select the kept positions of a (..., batch or 1, prompt_length, features) tensor."""
         batch = self.kept_positions.shape[0]
         tensor = tensor.expand(*tensor.shape[:-3], batch, *tensor.shape[-2:])
-        return tensor[..., self.batch_rows, self.kept_positions, :]
+        # The indices go where the tensor is: with device_map a layer may sit on another device.
+        rows, positions = self.batch_rows.to(tensor.device), self.kept_positions.to(tensor.device)
+        return tensor[..., rows, positions, :]
 
 
 def cache_in(mapping) -> object | None:
@@ -259,7 +261,7 @@ class VisualTokenWithdrawal:
         kind = layer_mask_kind(self.language_model.config, layer_index)
         if kind not in self._layer_masks:
             self._layer_masks[kind] = withdrawn_layer_mask(
-                self.language_model.config, layer_index, hidden, self._reduced_2d_mask, cache
+                self.language_model.config, layer_index, hidden, self._reduced_2d_mask.to(hidden.device), cache
             )
         return self._layer_masks[kind]
 

@@ -14,8 +14,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def newest_results_file(output_path: str | Path) -> Path | None:
-    files = sorted(Path(output_path).glob("*/*_results.json"), key=lambda p: p.stat().st_mtime)
+def newest_results_file(directory: str | Path) -> Path | None:
+    """The newest lmms-eval ``*_results.json`` anywhere under ``directory`` (by time, then name)."""
+    files = sorted(Path(directory).rglob("*_results.json"), key=lambda p: (p.stat().st_mtime, p.name))
     return files[-1] if files else None
 
 
@@ -40,37 +41,14 @@ def run_lmms_eval(
     launcher = []
     if processes > 1:  # `--cpu --num_processes N` starts one process; this form starts N, CPU or GPU
         launcher = [
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
+            "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        ]  # fmt: skip
     command = [
-        sys.executable,
-        *launcher,
-        "-m",
-        "lmms_eval",
-        "--model",
-        model,
-        "--model_args",
-        model_args,
-        "--tasks",
-        tasks,
-        "--include_path",
-        str(include_path),
-        "--output_path",
-        str(output_path),
-        "--verbosity",
-        "DEBUG",
-        *extra_args,
-    ]
+        sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args,
+        "--tasks", tasks, "--include_path", str(include_path), "--output_path", str(output_path),
+        "--verbosity", "DEBUG", *extra_args,
+    ]  # fmt: skip
     Path(output_path).mkdir(parents=True, exist_ok=True)
     log_file = Path(log_file or Path(output_path) / "lmms_eval.log")
     with open(log_file, "a") as log:

@@ -5,13 +5,12 @@ lmms-eval 0.7.3 turns every loglikelihood response into its string form
 for all models; this reads the ``(log_likelihood, is_greedy)`` pairs back.
 """
 
-import ast
+from vtw_eval.diff import loglikelihood_pairs
 
 CHOICES = ["Yes", "No"]
 
 
 def choice_process_results(doc, results):
-    pairs = [ast.literal_eval(r) if isinstance(r, str) else r for r in results]
-    log_likelihoods = [float(pair[0]) for pair in pairs]
+    log_likelihoods = [value for value, _ in loglikelihood_pairs(results)]
     best = max(range(len(CHOICES)), key=log_likelihoods.__getitem__)
     return {"acc": float(CHOICES[best] == doc["answer"])}

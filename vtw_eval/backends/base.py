@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoProcessor, StoppingCriteria, StoppingCr
 
 from vtw_eval.accounting import CallTimer, RequestAccounting, default_accounting_file
 from vtw_eval.backends import arguments
-from vtw_eval.calibration import DEFAULT_KL_THRESHOLD, layer_kl_divergences
+from vtw_eval.calibration import DEFAULT_KL_THRESHOLD, choose_withdraw_layer, layer_kl_divergences
 from vtw_eval.calibration_file import calibration_file_stem, load_calibration, model_identity
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.registry import BACKENDS
@@ -87,7 +87,7 @@ class VTWBackend(lmms):
         use_cache: bool = True,
         calibration: str | None = None,
         calibration_dir: str = "results/calibration",
-        kl_threshold: float = DEFAULT_KL_THRESHOLD,
+        kl_threshold: float | None = None,
         accounting_file: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes it; batches are batch_size
         **kwargs,
@@ -96,7 +96,10 @@ class VTWBackend(lmms):
         if kwargs:
             raise ValueError(f"Unknown model_args for {type(self).__name__}: {sorted(kwargs)}")
         self.batch_size_per_gpu = arguments.positive_int("batch_size", batch_size)
-        self.kl_threshold = arguments.non_negative_float("kl_threshold", kl_threshold)
+        self.threshold_given = kl_threshold is not None
+        self.kl_threshold = arguments.non_negative_float(
+            "kl_threshold", DEFAULT_KL_THRESHOLD if kl_threshold is None else kl_threshold
+        )
         self.chat_template, self.use_cache, self.pretrained = chat_template, use_cache, pretrained
         self._set_up_processes(device, device_map)
         self._load(
@@ -192,17 +195,26 @@ class VTWBackend(lmms):
         record = load_calibration(
             self.calibration_file, self.identity, self.withdrawal.num_layers, self.calibration_command()
         )
+        if record["dtype"] != self.identity["dtype"]:
+            logger.warning(f"withdraw_layer=auto: calibrated in {record['dtype']}, running in {self.identity['dtype']}")
+        layer = record["withdraw_layer"]
+        if self.threshold_given and self.kl_threshold != record["kl_threshold"]:
+            # The file holds the whole KL curve: another threshold needs no new calibration.
+            layer, _ = choose_withdraw_layer(record["mean_kl"], self.kl_threshold)
+            logger.info(
+                f"withdraw_layer=auto: K={layer} at kl_threshold={self.kl_threshold} from the mean KL in "
+                f"{self.calibration_file} (calibrated at {record['kl_threshold']}: K={record['withdraw_layer']})"
+            )
+        else:
+            logger.info(f"withdraw_layer=auto: K={layer} from {self.calibration_file}")
         if response_cache_requested():
             raise ValueError(
                 f"withdraw_layer=auto cannot be combined with lmms-eval's --use_cache: the response cache "
                 f"keys answers on the model_args string, which does not show the K that auto resolves to, so "
-                f"answers computed at another K would be returned. Pass withdraw_layer={record['withdraw_layer']} "
+                f"answers computed at another K would be returned. Pass withdraw_layer={layer} "
                 f"(what auto resolves to now, from {self.calibration_file}) instead."
             )
-        if record["dtype"] != self.identity["dtype"]:
-            logger.warning(f"withdraw_layer=auto: calibrated in {record['dtype']}, running in {self.identity['dtype']}")
-        logger.info(f"withdraw_layer=auto: K={record['withdraw_layer']} from {self.calibration_file}")
-        return record["withdraw_layer"]
+        return layer
 
     def _accounting_path(self, accounting_file: str | None, stem: str) -> Path:
         path = Path(accounting_file or default_accounting_file(stem, self._rank)).resolve()
@@ -268,7 +280,21 @@ class VTWBackend(lmms):
     def _batch_inputs(self, chunk) -> dict[str, torch.Tensor]:
         visuals = [self._visuals(args) for args in chunk]
         prompts = [self.build_prompt(args[0], v) for args, v in zip(chunk, visuals)]
-        return self._encode(prompts, [visual for row in visuals for visual in row])
+        inputs = self._encode(prompts, [visual for row in visuals for visual in row])
+        self._warn_if_too_long(inputs, [(args[4], args[3]) for args in chunk])
+        return inputs
+
+    def _warn_if_too_long(self, inputs: dict[str, torch.Tensor], doc_ids: list) -> None:
+        """A warning, not an error: rotary models run past their trained positions (as lmms-eval's
+        own backends let them), but the answers of such prompts mean less."""
+        limit = getattr(self._model.config.get_text_config(), "max_position_embeddings", None)
+        lengths = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else None
+        for (task, doc_id), length in zip(doc_ids, lengths or [inputs["input_ids"].shape[1]] * len(doc_ids)):
+            if limit is not None and length > limit:
+                logger.warning(
+                    f"task {task} doc {doc_id}: the prompt has {length} tokens, more than the model's "
+                    f"{limit} positions (max_position_embeddings)"
+                )
 
     # -- lmms-eval's request types ---------------------------------------------------------
 

@@ -17,6 +17,8 @@ from datasets import Dataset, DatasetInfo, SplitDict, SplitInfo, load_from_disk
 from datasets.arrow_writer import ArrowWriter
 from datasets.naming import camelcase_to_snakecase, filenames_for_dataset_split
 
+from vtw_eval.testbed.tasks import TASKS
+
 CACHE_HASH = "0000000000000000"  # any name will do: datasets takes the newest folder of a config
 
 
@@ -28,20 +30,19 @@ class HubDataset(NamedTuple):
     split: str
 
 
-# The testbed's data folder -> the built-in task that reads it, and where that task looks.
-BUILT_IN_TASKS: dict[str, tuple[str, HubDataset]] = {
-    "mme": ("mme", HubDataset("lmms-lab-encoder/MME", "default", "test")),
-    "pope": ("pope", HubDataset("lmms-lab-encoder/POPE", "default", "test")),
-    "scienceqa_img": ("scienceqa_img", HubDataset("lmms-lab-encoder/ScienceQA", "ScienceQA-IMG", "test")),
-    "gqa": ("gqa", HubDataset("lmms-lab-encoder/GQA", "testdev_balanced_instructions", "testdev")),
-    "textvqa_val": ("textvqa_val", HubDataset("lmms-lab-encoder/textvqa", "default", "validation")),
-    # mmbench_en_dev's aggregation asks an OpenAI judge; _static is its regex extraction, same data.
-    "mmbench_en_dev": ("mmbench_en_dev_static", HubDataset("lmms-lab-encoder/MMBench", "en", "dev")),
-    "coco2017_cap_val": ("coco2017_cap_val", HubDataset("lmms-lab-encoder/COCO-Caption2017", "default", "val")),
+# Where each testbed task's built-in task (vtw_eval.testbed.tasks.TASKS) loads its data.
+HUB_DATASETS: dict[str, HubDataset] = {
+    "mme": HubDataset("lmms-lab-encoder/MME", "default", "test"),
+    "pope": HubDataset("lmms-lab-encoder/POPE", "default", "test"),
+    "scienceqa_img": HubDataset("lmms-lab-encoder/ScienceQA", "ScienceQA-IMG", "test"),
+    "gqa": HubDataset("lmms-lab-encoder/GQA", "testdev_balanced_instructions", "testdev"),
+    "textvqa_val": HubDataset("lmms-lab-encoder/textvqa", "default", "validation"),
+    "mmbench_en_dev": HubDataset("lmms-lab-encoder/MMBench", "en", "dev"),
+    "coco2017_cap_val": HubDataset("lmms-lab-encoder/COCO-Caption2017", "default", "val"),
 }
 # GQA's process_docs joins its questions to a second config of pictures by imageId.
 GQA_IMAGES = HubDataset("lmms-lab-encoder/GQA", "testdev_balanced_images", "testdev")
-TASK_NAMES = [name for name, _ in BUILT_IN_TASKS.values()]
+TASK_NAMES = [TASKS[folder].built_in for folder in HUB_DATASETS]
 
 
 def write_prepared(dataset: Dataset, where: HubDataset, datasets_cache: Path) -> Path:
@@ -69,7 +70,7 @@ def write_hub_cache(data_dir: str | Path, hf_home: str | Path) -> Path:
     if hf_home == (Path.home() / ".cache" / "huggingface").resolve() or (hf_home / "hub").exists():
         raise ValueError(f"{hf_home} looks like a real Hugging Face cache; give a folder of this project's")
     datasets_cache = hf_home / "datasets"
-    for folder, (_, where) in BUILT_IN_TASKS.items():
+    for folder, where in HUB_DATASETS.items():
         # In memory, so that nothing is written beside the committed data.
         docs = load_from_disk(str(Path(data_dir) / folder), keep_in_memory=True)["test"]
         if folder == "gqa":

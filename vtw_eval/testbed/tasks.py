@@ -13,18 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from lmms_eval.tasks.coco_cap.utils import coco_doc_to_text
-from lmms_eval.tasks.gqa.utils import gqa_doc_to_text
-from lmms_eval.tasks.mmbench.en_utils import mmbench_doc_to_text
-from lmms_eval.tasks.mme.utils import mme_doc_to_text
-from lmms_eval.tasks.pope.utils import pope_doc_to_text
-from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_target, sqa_doc_to_text
-from lmms_eval.tasks.textvqa.utils import textvqa_doc_to_text
+from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_target
 
 from vtw_eval.testbed.scenes import COLOURS, NUMBER_WORDS, SHAPES, Scene, random_scene, render
 
-SHORT = "\nAnswer the question using a single word or phrase."
-LETTER = "\nAnswer with the option's letter from the given choices directly."
 LETTERS = "ABCD"
 
 
@@ -222,46 +214,41 @@ def coco_docs(scene: Scene, image, index: int, rng: random.Random) -> list[dict]
     ]
 
 
-# task -> (doc builder, scene holds text, lmms-eval's doc_to_text with its default prompt, target)
-TASKS: dict[str, tuple[Callable, bool, Callable[[dict], str], Callable[[dict], str]]] = {
-    "mme": (
-        mme_docs,
-        False,
-        lambda d: mme_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
-        lambda d: d["answer"],
-    ),
-    "pope": (
-        pope_docs,
-        False,
-        lambda d: pope_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
-        lambda d: d["answer"].capitalize(),
-    ),
-    "gqa": (
-        gqa_docs,
-        False,
-        lambda d: gqa_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
-        lambda d: d["answer"],
-    ),
-    "scienceqa_img": (
-        scienceqa_docs,
-        False,
-        lambda d: sqa_doc_to_text(d, {"format": "default", "pre_prompt": "", "post_prompt": LETTER}),
-        sqa_doc_to_target,
-    ),
-    "mmbench_en_dev": (
-        mmbench_docs,
-        False,
-        lambda d: mmbench_doc_to_text(d, {"post_prompt": LETTER.strip()}),
-        lambda d: d["answer"],
-    ),
-    "textvqa_val": (
-        textvqa_docs,
-        True,
-        lambda d: textvqa_doc_to_text(d, {"pre_prompt": "", "post_prompt": SHORT}),
-        lambda d: d["answers"][0],
-    ),
-    "coco2017_cap_val": (coco_docs, False, coco_doc_to_text, lambda d: d["answer"][0]),
+class TestbedTask(NamedTuple):
+    """One miniature benchmark: how a scene becomes its docs, and how a doc is answered."""
+
+    build_docs: Callable[..., list[dict]]  # (scene, image, index, rng) -> docs in the hub schema
+    with_text: bool  # its scenes hold rendered text (TextVQA) instead of shapes
+    built_in: str  # the lmms-eval task that runs it; its YAML gives the prompt
+    target: Callable[[dict], str]  # the answer as the model should say it
+
+
+TASKS: dict[str, TestbedTask] = {
+    "mme": TestbedTask(mme_docs, False, "mme", lambda d: d["answer"]),
+    "pope": TestbedTask(pope_docs, False, "pope", lambda d: d["answer"].capitalize()),
+    "gqa": TestbedTask(gqa_docs, False, "gqa", lambda d: d["answer"]),
+    "scienceqa_img": TestbedTask(scienceqa_docs, False, "scienceqa_img", sqa_doc_to_target),
+    # mmbench_en_dev's aggregation asks an OpenAI judge; _static is its regex extraction, same data.
+    "mmbench_en_dev": TestbedTask(mmbench_docs, False, "mmbench_en_dev_static", lambda d: d["answer"]),
+    "textvqa_val": TestbedTask(textvqa_docs, True, "textvqa_val", lambda d: d["answers"][0]),
+    "coco2017_cap_val": TestbedTask(coco_docs, False, "coco2017_cap_val", lambda d: d["answer"][0]),
 }
+
+
+def built_in_prompts() -> dict[str, Callable[[dict], str]]:
+    """Per testbed task, its built-in task's ``doc_to_text`` with the YAML's default prompt
+    arguments: the prompts lmms-eval evaluates with, so training uses exactly those."""
+    from lmms_eval.tasks import TaskManager
+    from lmms_eval.utils import load_yaml_config
+
+    index = TaskManager(verbosity="ERROR").task_index
+    prompts = {}
+    for folder, task in TASKS.items():
+        config = load_yaml_config(yaml_path=index[task.built_in]["yaml_path"])
+        kwargs = (config.get("lmms_eval_specific_kwargs") or {}).get("default")
+        doc_to_text = config["doc_to_text"]
+        prompts[folder] = (lambda d, f=doc_to_text, k=kwargs: f(d, k)) if kwargs else doc_to_text
+    return prompts
 
 
 # Main metric of each testbed task (as lmms-eval names it), its chance level and its best value.
@@ -330,12 +317,11 @@ def make_docs(
     """Docs of ``num_scenes`` scenes, by the task's builder or ``builder``. A picture that is in
     ``exclude`` (by image_key) is drawn again with new jitter: redrawing the whole scene would skew
     the scenes towards those with more variants (most one-shape pictures are in the training set)."""
-    task_builder, text, _, _ = TASKS[task]
-    builder = builder or task_builder
+    builder = builder or TASKS[task].build_docs
     rng = random.Random(f"{builder.__name__}-{seed}")
     docs = []
     for index in range(num_scenes):
-        scene = random_scene(rng, with_text=text)
+        scene = random_scene(rng, with_text=TASKS[task].with_text)
         for _ in range(10_000):
             image = render(scene, rng)
             if image_key(image) not in exclude:
@@ -362,13 +348,13 @@ class Example(NamedTuple):
 
 def training_examples(num_per_task: int, seed: int) -> list[Example]:
     """Examples of every task and the training-only questions, shuffled."""
-    examples = []
-    for task, (_, _, doc_to_text, target) in TASKS.items():
+    examples, prompts = [], built_in_prompts()
+    for task, (_, _, _, target) in TASKS.items():
         docs = make_docs(task, num_per_task * TRAINING_SHARE.get(task, 1), seed)
         if task in TRAINING_ONLY:
             extra_builder, share = TRAINING_ONLY[task]
             docs += make_docs(task, num_per_task * share, seed, builder=extra_builder)
-        examples += [Example(task, doc["image"], doc_to_text(doc), target(doc)) for doc in docs]
+        examples += [Example(task, doc["image"], prompts[task](doc), target(doc)) for doc in docs]
     random.Random(seed).shuffle(examples)
     return examples
 

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.small_llava import CHAT_TEMPLATE, build_tokenizer, tiny_text_config, tiny_vision_config
 from vtw_eval.testbed.tasks import Example, training_examples
-from vtw_eval.tiny_models import CHAT_TEMPLATE, build_tokenizer, tiny_text_config, tiny_vision_config
 
 IMAGE_SIZE, PATCH_SIZE = 64, 8  # 64 visual tokens per image
 NUM_LAYERS = 8
@@ -119,6 +119,15 @@ def withdrawn_kl(logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.
     return (withdrawn.exp() * (withdrawn - full)).sum(-1).mean()
 
 
+def curriculum_pools(curriculum, data: list[dict], examples: list[Example]) -> list[tuple[int, list[dict]]]:
+    """(last step + 1, encoded examples to draw from) of each curriculum stage."""
+    stages = []
+    for stage_steps, tasks in curriculum:
+        pool = [item for item, example in zip(data, examples) if example.task in tasks]
+        stages.append(((stages[-1][0] if stages else 0) + stage_steps, pool))
+    return stages
+
+
 def train(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -140,10 +149,7 @@ def train(
     torch.manual_seed(seed)
     order = random.Random(seed)
     data = encode_examples(processor, examples)
-    stages = []  # (last step + 1, pool) of each curriculum stage
-    for stage_steps, tasks in curriculum:
-        pool = [item for item, example in zip(data, examples) if example.task in tasks]
-        stages.append(((stages[-1][0] if stages else 0) + stage_steps, pool))
+    stages = curriculum_pools(curriculum, data, examples)
     mixed_from = stages[-1][0] if stages else 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     warmup = max(steps // 20, 1)
