@@ -141,7 +141,7 @@ def test_generation_errors_are_raised_not_swallowed(tiny_llava_path, monkeypatch
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(None, None), ("none", None), ("None", None), (0, 0), ("3", 3), (NUM_LAYERS, NUM_LAYERS)],
+    [(None, None), ("none", None), ("None", None), (0, 0), ("3", 3), (3.0, 3), (NUM_LAYERS, NUM_LAYERS)],
 )
 def test_parse_withdraw_layer(value, expected):
     assert parse_withdraw_layer(value, NUM_LAYERS) == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from vtw_eval.backends.llava import VTWLlava
 from vtw_eval.calibration import choose_withdraw_layer, layer_kl_divergences, summarise
 from vtw_eval.calibration_file import config_hash, load_calibration, model_identity, write_calibration
 from vtw_eval.engine import VisualTokenWithdrawal
-from vtw_eval.run import run_lmms_eval
+from vtw_eval.run import REPO_ROOT, run_lmms_eval
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
@@ -150,9 +151,12 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
     assert record["config_hash"] == config_hash(load_model(tiny_llava_path).config)
     assert (record["withdraw_layer"], True) == choose_withdraw_layer(record["mean_kl"], 0.003)
 
+    # The same model spelt another way (a relative path from where lmms-eval runs) finds the file.
+    relative = os.path.relpath(tiny_llava_path, REPO_ROOT)
     results_file = run_lmms_eval(
         "vtw_llava",
-        common + f",withdraw_layer=auto,accounting_file={tmp_path}/b.jsonl",
+        f"pretrained={relative},device=cpu,calibration_dir={calibration_dir},withdraw_layer=auto,"
+        f"accounting_file={tmp_path}/b.jsonl",
         "vtw_tiny_mme",
         tmp_path / "auto",
     )

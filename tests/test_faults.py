@@ -116,3 +116,46 @@ def test_signal_during_writing_never_leaves_a_half_written_file(tmp_path, signal
     assert target.read_bytes() == b"1" * 4_000_000  # the old file, whole
     if signal_number == signal.SIGINT:  # Python unwinds: the temporary file is removed too
         assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+@pytest.mark.parametrize(
+    "model_args, options, environment, message",
+    [
+        ("batch_size=abc", [], {}, "batch_size='abc' is not accepted; use a positive integer"),
+        ("", ["--batch_size", "0"], {}, "batch_size='0' is not accepted; use a positive integer"),
+        ("device=cuda", [], {}, "device='cuda' is not accepted: this machine has 0 CUDA device(s)"),
+        ("kl_threshold=-1", [], {}, "kl_threshold=-1.0 is not accepted; use a finite number >= 0"),
+        ("max_num_frames=4", [], {}, "Unknown model_args for VTWLlava: ['max_num_frames']"),
+        ("", [], {"VTW_CALIBRATION_DOCS": "0"}, "VTW_CALIBRATION_DOCS='0' is not accepted; use a positive integer"),
+    ],
+)
+def test_cli_bad_arguments_name_themselves(tiny_llava_path, tmp_path, model_args, options, environment, message):
+    """Through the CLI: the run fails, the log names the argument and what is accepted, nothing is written."""
+    if "device=" not in model_args:
+        model_args = f"device=cpu,{model_args}"
+    tasks = "vtw_calibration_tiny" if environment else "vtw_tiny_mme"
+    arguments = f"pretrained={tiny_llava_path},{model_args},accounting_file={tmp_path}/acc/r.jsonl".rstrip(",")
+    with pytest.raises(RuntimeError, match="lmms-eval failed"):
+        run_lmms_eval("vtw_llava", arguments, tasks, tmp_path / "out", *options, env=environment)
+    assert message in (tmp_path / "out" / "lmms_eval.log").read_text()
+    assert not list((tmp_path / "out").glob("*/*_results.json"))
+    assert not list(tmp_path.glob("acc/*"))
+
+
+def test_cli_calibration_file_of_another_layer_count_names_the_field(tiny_llava_path, tmp_path):
+    from conftest import load_model
+
+    from vtw_eval.calibration import summarise
+    from vtw_eval.calibration_file import model_identity, write_calibration
+
+    identity = model_identity(load_model(tiny_llava_path), str(tiny_llava_path))
+    record = summarise({"s": {"num_samples": 1, "mean_kl": [0.1] * 6 + [0.0]}}, {**identity, "kl_threshold": 0.003})
+    path, _ = write_calibration(record, tmp_path / "six_layers.json")  # the tiny model has 4 layers
+    with pytest.raises(RuntimeError, match="lmms-eval failed"):
+        run_lmms_eval(
+            "vtw_llava", f"pretrained={tiny_llava_path},withdraw_layer=auto,calibration={path},device=cpu",
+            "vtw_tiny_mme", tmp_path / "out",
+        )  # fmt: skip
+    log = (tmp_path / "out" / "lmms_eval.log").read_text()
+    assert f"calibration file {path} is unreadable (field 'num_layers' is 6, the model has 4 decoder layers)" in log
+    assert "--tasks vtw_calibration --include_path" in log  # the command that makes the right one

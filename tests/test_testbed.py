@@ -167,6 +167,7 @@ def test_built_in_runs_write_only_into_the_private_cache(built_in_run, hf_home):
     _, before, after = built_in_run
     assert before == after  # the user's own datasets cache is untouched
     assert not list(DATA.rglob("cache-*"))  # nothing beside the committed data
+    assert not list((REPO_ROOT / "tasks").rglob("cache-*"))
     assert (hf_home / "datasets" / "lmms-lab-encoder___gqa" / "testdev_balanced_images").is_dir()
 
 

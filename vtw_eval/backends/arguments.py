@@ -9,9 +9,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _integer_text(value: Any) -> str:
+    """lmms-eval's argument parser turns `3` typed with a space (`withdraw_layer= 3`) into 3.0."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
 def positive_int(name: str, value: Any) -> int:
     if not isinstance(value, bool):
-        text = str(value).strip()
+        text = _integer_text(value)
         if text.isdigit() and int(text) >= 1:
             return int(text)
     raise ValueError(f"{name}={value!r} is not accepted; use a positive integer")
@@ -36,7 +43,7 @@ def one_of(name: str, value: Any, accepted: tuple[str, ...]) -> str:
 def withdraw_layer(value: Any, num_layers: int) -> int | None | str:
     """``withdraw_layer`` as given on the command line: an integer 0..L, none, or auto."""
     accepted = f"an integer from 0 to {num_layers} (the decoder's layer count), 'none' or 'auto'"
-    text = "" if value is None else str(value).strip().lower()
+    text = "" if value is None else _integer_text(value).lower()
     if text == "auto":
         return "auto"
     if text in ("none", ""):

@@ -147,6 +147,11 @@ class VTWBackend(lmms):
         if device is not None and device_map:
             raise ValueError(f"device={device!r} and device_map={device_map!r} both place the model; give one of them")
         self._device = torch.device(device) if device is not None else self.accelerator.device
+        if self._device.type == "cuda" and (self._device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} is not accepted: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s); use device=cpu or one of cuda:0..cuda:N-1"
+            )
 
     def _load(self, pretrained, revision, dtype, trust_remote_code, attn_implementation, device_map) -> None:
         """The model (of a class this adapter serves) and its processor, left-padding batches."""
