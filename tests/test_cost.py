@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import NUM_LAYERS
 from test_backend import backend, generation_requests
 from transformers import LlavaConfig, Qwen2Config
 
-from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup
+from vtw_eval.cost import DecoderGeometry, WholeModel, analytic_prefill_speedup
 from vtw_eval.engine import cache_in
 
 LLAVA_7B = DecoderGeometry(
@@ -111,6 +112,9 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
         record["prompt_tokens"], 32, layer
     )
     assert record["batch_prefill_seconds"] > 0 and record["batch_decode_steps"] == len(caches) - 1
+    whole = WholeModel.from_config(lm.model.config)
+    assert record["prefill_flops_whole_model_baseline"] == whole.prefill_flops(record["prompt_tokens"], 32, None)
+    assert record["prefill_flops_whole_model_vtw"] == whole.prefill_flops(record["prompt_tokens"], 32, layer)
 
 
 def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
@@ -129,7 +133,47 @@ def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
     assert len(records) == 16
     assert throughput["avg_withdraw_layer"] == 1
     assert throughput["avg_visual_tokens"] == 16
+    assert 0 < throughput["avg_prefill_flops_whole_model_saved"] < throughput["avg_prefill_flops_saved"]
     mean_saved = sum(r["prefill_flops_saved"] for r in records) / 16
     assert throughput["avg_prefill_flops_saved"] == pytest.approx(mean_saved)
     assert 0 < mean_saved < 1
     assert throughput["avg_kv_cache_mb_vtw"] < throughput["avg_kv_cache_mb_baseline"]
+
+
+def test_whole_model_terms_by_hand(tiny_llava_path):
+    from transformers import AutoConfig
+
+    whole = WholeModel.from_config(AutoConfig.from_pretrained(tiny_llava_path))
+    # Tiny CLIP: 32 px images, 8 px patches (16 patches + a class token = 17), width 32, MLP 64, 2 layers.
+    convolution = 2 * 16 * (3 * 8 * 8) * 32
+    layer = 8 * 17 * 32 * 32 + 4 * 17 * 32 * 64 + 4 * 17 * 17 * 32
+    assert whole.image_flops() == convolution + 2 * layer
+    assert whole.projector_flops(16) == 2 * 16 * (32 * 64 + 64 * 64)  # into the decoder's width 64
+    assert whole.head_flops() == 2 * 64 * whole.vocab_size
+    decoder = whole.decoder.prefill_flops(40, 32, 2)
+    assert (
+        whole.prefill_flops(40, 32, 2)
+        == 2 * whole.image_flops() + whole.projector_flops(32) + whole.head_flops() + decoder
+    )
+    assert WholeModel.from_config(Qwen2Config()) is None  # not a LLaVA-1.5: not modelled
+
+
+@pytest.mark.parametrize("withdraw_layer", [None, 2, 0])
+def test_whole_model_flops_equal_torchs_flop_counter(tiny_llava_path, withdraw_layer):
+    """The whole prefill forward as generate runs it (logits_to_keep=1), counted by PyTorch: the
+    counter sees every matrix product (convolution, linear layers, attention), as the model does."""
+    from conftest import encode, load_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoProcessor
+
+    from vtw_eval.engine import VisualTokenWithdrawal
+
+    model = load_model(tiny_llava_path, "eager")
+    processor = AutoProcessor.from_pretrained(tiny_llava_path)
+    inputs = encode(processor, [("Is there a red square ?", 2)])
+    VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    tokens, visual = inputs["input_ids"].shape[1], int((inputs["input_ids"] == model.config.image_token_id).sum())
+    whole = WholeModel.from_config(model.config)
+    assert counter.get_total_flops() == whole.prefill_flops(tokens, visual, withdraw_layer)

@@ -40,6 +40,8 @@ def test_speed_benchmark_runs_and_kv_bytes_match_the_cost_model(tmp_path):
     assert [row["withdraw_layer"] for row in summary["rows"]] == [4, 0, 2]
     for row in summary["rows"]:
         assert row["kv_cache_bytes_measured"] == row["kv_cache_bytes_analytic"]
+        # The tower, projector and head do not shrink: the whole model's limit is below the decoder's.
+        assert 1 <= row["analytic_whole_model_prefill_speedup"] <= row["analytic_prefill_speedup"]
     assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
 
 

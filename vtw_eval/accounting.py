@@ -12,7 +12,7 @@ import torch
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 
-from vtw_eval.cost import DecoderGeometry, request_figures
+from vtw_eval.cost import DecoderGeometry, WholeModel, request_figures
 from vtw_eval.files import write_atomically
 
 
@@ -69,6 +69,7 @@ class RequestAccounting:
 
     def __init__(self, model: torch.nn.Module, path: Path):
         self.geometry = DecoderGeometry.from_config(model.config)
+        self.whole_model = WholeModel.from_config(model.config)  # None where the tower is not modelled
         self.kv_dtype_bytes = torch.finfo(model.dtype).bits // 8
         self.path = path
         self.records: list[dict] = []
@@ -86,7 +87,9 @@ class RequestAccounting:
         """One generated batch: its (task, doc_id) requests, their token counts and its timer."""
         self.timers.append(timer)
         for (task, doc_id), n, visual, generated in zip(requests, prompt_tokens, visual_tokens, generated_tokens):
-            figures = request_figures(self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes)
+            figures = request_figures(
+                self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes, self.whole_model
+            )
             self.records.append(
                 {
                     "task": task,
@@ -125,6 +128,15 @@ class RequestAccounting:
                 "kv_cache_mb_baseline": mean("kv_cache_bytes_baseline") / 2**20,
                 "kv_cache_mb_vtw": mean("kv_cache_bytes_vtw") / 2**20,
                 "kv_cache_saved": mean("kv_cache_saved"),
+                **(
+                    {
+                        "prefill_tflops_whole_model_baseline": mean("prefill_flops_whole_model_baseline") / 1e12,
+                        "prefill_tflops_whole_model_vtw": mean("prefill_flops_whole_model_vtw") / 1e12,
+                        "prefill_flops_whole_model_saved": mean("prefill_flops_whole_model_saved"),
+                    }
+                    if self.whole_model is not None
+                    else {}
+                ),
                 "prefill_seconds_per_batch": sum(t.prefill_seconds for t in timers) / len(timers),
                 "decode_seconds_per_step": sum(t.decode_seconds for t in timers) / decode_steps
                 if decode_steps

@@ -1,8 +1,11 @@
-"""What a LLaMA-style decoder costs, with and without visual tokens withdrawn before layer K.
+"""What a LLaMA-style decoder costs, with and without visual tokens withdrawn before layer K,
+and what the whole LLaVA-1.5 forward costs around it.
 
 Conventions (papers count three incompatible ways; this is VTW's own, "true FLOPs"):
-- 2 FLOPs per multiply-add; decoder layers only (no embedding, vision tower, projector or LM
-  head, which VTW does not change);
+- 2 FLOPs per multiply-add, matrix products only (norms, activations and softmax are left out,
+  as FLOP counters do); the decoder figures (``prefill_flops``) are the decoder layers only, the
+  figure papers report; the whole-forward figures (``WholeModel``) add the vision tower, the
+  projector and the LM head, which VTW does not change;
 - per layer and token: q/k/v/o projections 2*d*(2*q + 2*kv) with q = heads*head_dim and
   kv = kv_heads*head_dim (grouped-query heads included), gated MLP 2*3*d*m;
 - attention 2*2*q FLOPs per (query, key) pair (scores and weighted values); prefill counts the full
@@ -10,6 +13,12 @@ Conventions (papers count three incompatible ways; this is VTW's own, "true FLOP
 - for LLaVA-1.5-7B (d=4096, m=11008, 32 layers) and 651 prompt tokens this gives 8.65 TFLOPs,
   and 4.81 TFLOPs with K=16 (VTW reports 8.48 and 4.68 with calflops).
 KV-cache bytes: keys and values, kv_heads*head_dim each per token and layer, at the cache dtype.
+Whole forward (LLaVA-1.5: a CLIP or SigLIP ViT runs once per image; its patch tokens, without
+CLIP's class token, go through a two-layer MLP projector): per image the patch convolution
+2*patches*(channels*patch^2)*h and, per tower layer over t tokens, 8*t*h^2 + 4*t*h*m + 4*t^2*h
+(all tower layers run: transformers asks for every hidden state); the projector 2*v*(h*d + d*d)
+for v visual tokens; the LM head 2*d*vocab for the one position generate keeps in prefill
+(``logits_to_keep=1``); the embedding lookup costs none.
 """
 
 from __future__ import annotations
@@ -95,6 +104,7 @@ def request_figures(
     generated: int,
     withdraw_layer: int | None,
     dtype_bytes: int,
+    whole: "WholeModel | None" = None,
 ) -> dict:
     """One request's token counts, prefill FLOPs and final KV-cache bytes, baseline and VTW.
 
@@ -119,4 +129,78 @@ def request_figures(
         "kv_cache_bytes_baseline": baseline_kv,
         "kv_cache_bytes_vtw": vtw_kv,
         "kv_cache_saved": 1 - vtw_kv / baseline_kv,
+        **(whole_model_figures(whole, num_tokens, num_visual, k) if whole is not None else {}),
     }
+
+
+def whole_model_figures(whole: "WholeModel", num_tokens: int, num_visual: int, withdraw_layer: int) -> dict:
+    """The whole prefill forward (tower, projector, decoder, head), baseline and VTW."""
+    baseline = whole.prefill_flops(num_tokens, num_visual, None)
+    vtw = whole.prefill_flops(num_tokens, num_visual, withdraw_layer)
+    return {
+        "prefill_flops_whole_model_baseline": baseline,
+        "prefill_flops_whole_model_vtw": vtw,
+        "prefill_flops_whole_model_saved": 1 - vtw / baseline,
+    }
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """A LLaVA-1.5 model around its decoder: the ViT image encoder, the projector and the LM head."""
+
+    decoder: DecoderGeometry
+    tower_layers: int
+    tower_hidden: int
+    tower_intermediate: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    class_token: bool  # CLIP prepends one to the patches; SigLIP does not
+    projected_class_token: bool  # vision_feature_select_strategy "full" keeps it as a visual token
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config) -> "WholeModel | None":
+        """For LLaVA-1.5 configs (one tower pass per image); None for other architectures, whose
+        towers (tiles, Qwen2-VL's merger) are not modelled."""
+        vision = getattr(config, "vision_config", None)
+        if getattr(config, "model_type", None) != "llava" or vision is None:
+            return None
+        if vision.model_type not in ("clip_vision_model", "siglip_vision_model"):
+            return None
+        return cls(
+            decoder=DecoderGeometry.from_config(config),
+            tower_layers=vision.num_hidden_layers,
+            tower_hidden=vision.hidden_size,
+            tower_intermediate=vision.intermediate_size,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            num_channels=vision.num_channels,
+            class_token=vision.model_type == "clip_vision_model",
+            projected_class_token=vision.model_type == "clip_vision_model"
+            and getattr(config, "vision_feature_select_strategy", "default") == "full",
+            vocab_size=config.get_text_config().vocab_size,
+        )
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def image_flops(self) -> int:
+        """One image through the tower: patch convolution, then every layer."""
+        h, m, t = self.tower_hidden, self.tower_intermediate, self.patches + self.class_token
+        convolution = 2 * self.patches * self.num_channels * self.patch_size**2 * h
+        return convolution + self.tower_layers * (8 * t * h * h + 4 * t * h * m + 4 * t * t * h)
+
+    def projector_flops(self, num_visual: int) -> int:
+        d = self.decoder.hidden_size
+        return 2 * num_visual * (self.tower_hidden * d + d * d)
+
+    def head_flops(self, positions: int = 1) -> int:
+        return 2 * positions * self.decoder.hidden_size * self.vocab_size
+
+    def prefill_flops(self, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> int:
+        """The whole prefill forward of a prompt whose ``num_visual`` tokens come from images."""
+        images = num_visual // (self.patches + self.projected_class_token)
+        around = images * self.image_flops() + self.projector_flops(num_visual) + self.head_flops()
+        return around + self.decoder.prefill_flops(num_tokens, num_visual, withdraw_layer)
