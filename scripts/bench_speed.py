@@ -146,6 +146,10 @@ def main(argv=None) -> None:
     def median(k, key):
         return statistics.median(run[key] for run in runs[k])
 
+    def decode_bytes(k, batch_size):  # memory traffic of a decoding step halfway through the answer
+        context, vocab = num_tokens + args.new_tokens // 2, model.config.text_config.vocab_size
+        return geometry.decode_step_bytes(context, num_visual, k, torch.finfo(dtype).bits // 8, batch_size, vocab)
+
     rows, table = [], []
     cached = num_tokens + args.new_tokens
     for k in configs:
@@ -158,8 +162,8 @@ def main(argv=None) -> None:
             "measured_prefill_speedup": median(None, "prefill_s") / median(k, "prefill_s"),
             "analytic_prefill_speedup": analytic_prefill_speedup(geometry, num_tokens, num_visual, k),
             "measured_decode_speedup": median(None, "decode_s_per_token") / median(k, "decode_s_per_token"),
-            "analytic_decode_speedup": geometry.decode_step_flops(num_tokens, num_visual, None)
-            / geometry.decode_step_flops(num_tokens, num_visual, k),
+            "analytic_decode_speedup": decode_bytes(None, 1) / decode_bytes(k, 1),
+            "analytic_decode_speedup_batch8": decode_bytes(None, 8) / decode_bytes(k, 8),
             "kv_cache_bytes_measured": measured_kv,
             "kv_cache_bytes_analytic": analytic_kv,
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in runs[k]][0],
@@ -183,6 +187,7 @@ def main(argv=None) -> None:
                 f"{row['whole_model_prefill_speedup_ratio']:.2f}",
                 spread([1000 * d for d in row["decode_s_per_token"]]),
                 f"{row['measured_decode_speedup']:.2f}",
+                f"{row['analytic_decode_speedup']:.3f} / {row['analytic_decode_speedup_batch8']:.3f}",
                 f"{measured_kv / 2**20:.1f}",
                 "yes" if measured_kv == analytic_kv else f"NO ({analytic_kv / 2**20:.1f})",
                 "n/a (CPU)" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**20:.0f}",
@@ -206,6 +211,7 @@ def main(argv=None) -> None:
                 "ratio",
                 "decode ms/token",
                 "speedup",
+                "analytic (bytes, batch 1 / 8)",
                 "KV MiB",
                 "KV = analytic",
                 "peak MiB",

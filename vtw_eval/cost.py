@@ -82,6 +82,22 @@ class DecoderGeometry:
             full_layers * keys_full + withdrawn_layers * keys_kept
         )
 
+    def decode_step_bytes(
+        self,
+        context: int,
+        num_visual: int,
+        withdraw_layer: int | None,
+        dtype_bytes: int,
+        batch_size: int = 1,
+        vocab_size: int = 0,
+    ) -> int:
+        """Bytes one decoding step reads from memory: every decoder weight matrix (and the LM
+        head's, ``vocab_size`` rows) once for the whole batch, and each row's KV cache after
+        ``context`` tokens. At small batches a step is memory-bound, so its time follows this."""
+        weights = self.num_layers * self.token_flops() // 2 + self.hidden_size * vocab_size
+        cache = self.kv_cache_bytes(context, num_visual, withdraw_layer, dtype_bytes)
+        return dtype_bytes * weights + batch_size * cache
+
     def kv_cache_bytes(self, num_tokens: int, num_visual: int, withdraw_layer: int | None, dtype_bytes: int) -> int:
         """Cache size once ``num_tokens`` (prompt and generated) are cached."""
         full_layers, withdrawn_layers = self._split(withdraw_layer)
