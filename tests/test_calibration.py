@@ -151,16 +151,21 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
     assert record["config_hash"] == config_hash(load_model(tiny_llava_path).config)
     assert (record["withdraw_layer"], True) == choose_withdraw_layer(record["mean_kl"], 0.003)
 
-    # The same model spelt another way (a relative path from where lmms-eval runs) finds the file.
+    # The same model spelt another way (a relative path from where lmms-eval runs) and loaded in
+    # another dtype finds the file; the dtype difference is logged.
     relative = os.path.relpath(tiny_llava_path, REPO_ROOT)
     results_file = run_lmms_eval(
         "vtw_llava",
-        f"pretrained={relative},device=cpu,calibration_dir={calibration_dir},withdraw_layer=auto,"
+        f"pretrained={relative},device=cpu,dtype=bfloat16,calibration_dir={calibration_dir},withdraw_layer=auto,"
         f"accounting_file={tmp_path}/b.jsonl",
         "vtw_tiny_mme",
         tmp_path / "auto",
     )
     assert json.loads(results_file.read_text())["throughput"]["avg_withdraw_layer"] == record["withdraw_layer"]
+    assert (
+        "withdraw_layer=auto: calibrated in float32, running in bfloat16"
+        in (tmp_path / "auto" / "lmms_eval.log").read_text()
+    )
 
     # lmms-eval's response cache keys on the model_args string, blind to the K auto resolves to.
     with pytest.raises(RuntimeError, match="lmms-eval failed"):
