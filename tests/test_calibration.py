@@ -12,7 +12,7 @@ from reference import reference_vtw_logits
 from transformers import LlavaForConditionalGeneration
 
 from vtw_eval.backends.llava import VTWLlava
-from vtw_eval.calibration import choose_withdraw_layer, layer_kl_divergences, summarise
+from vtw_eval.calibration import choose_withdraw_layer, layer_kl_divergences, summarise, with_greedy_answer
 from vtw_eval.calibration_file import config_hash, load_calibration, model_identity, write_calibration
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
@@ -46,6 +46,69 @@ def test_batched_kl_equals_one_prompt_at_a_time(tiny_llava_path, processor):
         single = layer_kl_divergences(withdrawal, encode(processor, [row], seed=index))
         torch.testing.assert_close(batch[index], single[0], atol=1e-5, rtol=0)
     assert batch[2].abs().max() < 1e-6  # a text-only prompt loses nothing (up to float rounding)
+
+
+def naive_greedy_answer(model, inputs: dict, steps: int, eos_token_id: int) -> list[int]:
+    """Greedy decoding of one unpadded prompt written out: a whole forward per token, no cache."""
+    inputs, answer = dict(inputs), []
+    for _ in range(steps):
+        token = int(model(**inputs, use_cache=False).logits[0, -1].argmax())
+        answer.append(token)
+        if token == eos_token_id:
+            break
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+    return answer
+
+
+def test_the_answer_is_the_unmodified_models_greedy_answer(tiny_llava_path, processor):
+    model = load_model(tiny_llava_path)
+    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=1)  # must not touch the answer
+    rows = [("Is there a red square ?", 2), ("What colour ?", 1)]
+    batch = encode(processor, rows)
+    extended, counted = with_greedy_answer(withdrawal, batch, 6, processor.tokenizer.eos_token_id)
+    assert withdrawal.withdraw_layer == 1 and counted.shape == (2, 6) and counted[:, 0].all()
+    withdrawal.remove()
+    for index, row in enumerate(rows):
+        single = encode(processor, [row], seed=index)
+        expected = naive_greedy_answer(model, single, 5, processor.tokenizer.eos_token_id)
+        answer = extended["input_ids"][index, batch["input_ids"].shape[1] :].tolist()
+        assert answer[: len(expected)] == expected
+        ended = expected[-1] == processor.tokenizer.eos_token_id  # the EOS position itself predicts nothing
+        assert counted[index].sum() == 1 + len(expected) - ended
+
+
+@pytest.mark.parametrize("eos_after", [None, 2])
+def test_kl_over_answer_tokens_equals_brute_force(tiny_llava_path, processor, eos_after):
+    """kl_tokens=4: the KL averaged over the last prompt position and the first three answer tokens,
+    each against a whole naive withdrawn forward of prompt plus answer; positions after an EOS
+    do not count."""
+    model = load_model(tiny_llava_path)
+    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=None)
+    inputs = encode(processor, [("Is there a red square ?", 2)])
+    eos = processor.tokenizer.eos_token_id
+    if eos_after is None:
+        extended, counted = with_greedy_answer(withdrawal, inputs, 4, eos)
+        eos = -1  # the greedy answer of this prompt has no EOS in its first three tokens
+        assert counted.all()
+    else:  # the model's "answer" is given, with an EOS as its second token
+        answer = torch.tensor([[5, eos, eos]])
+        attention = torch.cat([inputs["attention_mask"], torch.ones(1, 3, dtype=torch.long)], 1)
+        extended = dict(inputs, input_ids=torch.cat([inputs["input_ids"], answer], 1), attention_mask=attention)
+        counted = torch.tensor([[True, True, True, False]])
+    withdrawal_kl = layer_kl_divergences(withdrawal, extended, counted)[0]
+    with torch.no_grad():
+        full = model(**extended, use_cache=False).logits[0, -4:]
+    answer_tokens = extended["input_ids"][0, -3:].tolist()
+    positions = 1 + next((i + 1 for i, token in enumerate(answer_tokens) if token == eos), 3)
+    for layer in range(NUM_LAYERS):
+        logits, _ = reference_vtw_logits(model, extended, layer)
+        per_position = [
+            kl(torch.log_softmax(logits[0, -4 + i], -1), torch.log_softmax(full[i], -1)) for i in range(positions)
+        ]
+        assert withdrawal_kl[layer].item() == pytest.approx(sum(per_position) / positions, abs=1e-5)
+        assert max(per_position[1:]) > 1e-6  # answer positions are really compared
+    assert withdrawal_kl[NUM_LAYERS] == 0.0
 
 
 def test_choose_withdraw_layer():
@@ -101,7 +164,19 @@ def test_calibration_file_round_trip_and_errors(tmp_path, tiny_llava_path):
         ("num_layers", 6, r"field 'num_layers' is 6, the model has 4 decoder layers"),
         ("withdraw_layer", True, r"field 'withdraw_layer' is True, not a int"),
         ("withdraw_layer", 9, r"field 'withdraw_layer' is 9, not in 0..4"),
-        ("format", 1, r"format 1, this version reads format 2"),
+        ("format", 1, r"format 1, this version reads formats \(2, 3\)"),
+        ("kl_tokens", 0, r"field 'kl_tokens' is 0, not a positive integer"),
+        ("per_task", [], r"field 'per_task' is \[\], not an object"),
+        (
+            "per_task",
+            {"mme": {"withdraw_layer": 2, "kl_threshold": 0.003, "mean_kl": [0.1]}},
+            r"field 'per_task.mme.mean_kl' must hold 5 finite numbers",
+        ),
+        (
+            "per_task",
+            {"mme": {"withdraw_layer": 2, "mean_kl": [0.1, 0.0, 0.0, 0.0, 0.0]}},
+            r"field 'per_task.mme.kl_threshold' is missing",
+        ),
     ],
 )
 def test_calibration_file_fields_are_checked(tmp_path, tiny_llava_path, field, value, message):

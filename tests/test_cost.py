@@ -32,6 +32,20 @@ def test_llava_7b_prefill_by_hand():
     assert analytic_prefill_speedup(LLAVA_7B, 651, 576, 16) == pytest.approx(layer(651) * 2 / (layer(651) + layer(75)))
 
 
+def test_calibration_flops_by_hand():
+    """One prompt of 651 tokens (576 visual): an unmodified forward, then layer j over j + 1 copies
+    of the 75 kept tokens (1 + 2 + ... + 32 = 528 layer passes); with 3 answer tokens, also their
+    greedy generation (a prefill and 2 decoding steps) and a forward over 654 tokens."""
+    linear = 8 * 4096**2 + 6 * 4096 * 11008
+
+    def layer(n):
+        return n * linear + 4 * n * n * 4096
+
+    assert LLAVA_7B.calibration_flops(651, 576) == 32 * layer(651) + 528 * layer(75)
+    generation = 32 * layer(651) + sum(32 * linear + 32 * 4 * 4096 * (651 + s + 1) for s in range(2))
+    assert LLAVA_7B.calibration_flops(651, 576, 3) == generation + 32 * layer(654) + 528 * layer(78)
+
+
 def test_llava_7b_decode_and_kv_cache_by_hand():
     # A decode step after 700 tokens: every layer's linear maps for 1 token, attention over its keys.
     linear = 8 * 4096**2 + 6 * 4096 * 11008

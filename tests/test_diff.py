@@ -71,6 +71,10 @@ def test_real_runs_json_deltas_and_samples(real_runs, capsys):
     assert change["compared"] == 16
     labels_in_table = run_diff(capsys, real_runs["baseline"], real_runs["k1"])[1]
     assert "vtw_tiny_mme" in labels_in_table and "prefill_flops_saved" in labels_in_table
+    # Each generated task's K, as the accounting logged it: 4 (all layers) against 1.
+    efficiency = {row["figure"]: row for row in document["efficiency"]}
+    assert efficiency["withdraw_layer/vtw_tiny_mme"][labels[0]] == 4
+    assert efficiency["withdraw_layer/vtw_tiny_mme"][labels[1]] == 1
 
 
 def test_csv_parses_back_and_markdown_renders(real_runs, capsys):

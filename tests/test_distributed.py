@@ -45,3 +45,29 @@ def test_two_processes_equal_one(tiny_llava_path, tmp_path):
     assert [f.name for f in files] == ["requests.rank0.jsonl", "requests.rank1.jsonl"]
     docs = [json.loads(line)["doc_id"] for f in files for line in f.read_text().splitlines()]
     assert sorted(docs) == list(range(16))
+
+
+def test_per_task_calibration_two_processes_equal_one(tiny_llava_path, tmp_path):
+    """Each rank holds half the docs: the calibration prompts are chosen over all of them and their
+    KL gathered before K is chosen, so both ranks use the K one process chooses."""
+    runs, files = {}, {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        model_args = (
+            f"pretrained={tiny_llava_path},withdraw_layer=auto,calibrate_per_task=8,kl_tokens=2,device=cpu,"
+            f"calibration_dir={out}/calibration,accounting_file={out}/requests.jsonl"
+        )
+        runs[processes] = run_lmms_eval(
+            "vtw_llava", model_args, "vtw_tiny_mme", out, "--batch_size", "2", "--log_samples", processes=processes
+        )
+        files[processes] = json.loads(next((out / "calibration").glob("*.json")).read_text())["per_task"]
+    one, two = files[1]["vtw_tiny_mme"], files[2]["vtw_tiny_mme"]
+    assert one["num_samples"] == two["num_samples"] == 8
+    assert one["withdraw_layer"] == two["withdraw_layer"] < 4  # withdrawal on: the answers below have teeth
+    for a, b in zip(one["mean_kl"], two["mean_kl"]):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(a))
+    assert answers(runs[1], "vtw_tiny_mme") == answers(runs[2], "vtw_tiny_mme")
+    records = [
+        json.loads(line) for f in (tmp_path / "p2").glob("requests.rank*.jsonl") for line in f.read_text().splitlines()
+    ]
+    assert len(records) == 16 and {r["withdraw_layer"] for r in records} == {one["withdraw_layer"]}

@@ -74,6 +74,7 @@ class RequestAccounting:
         self.path = path
         self.records: list[dict] = []
         self.timers: list[CallTimer] = []
+        self.calibration_flops = 0  # decoder FLOPs spent choosing per-task K before answering
 
     def add_batch(
         self,
@@ -101,6 +102,10 @@ class RequestAccounting:
                     "batch_decode_steps": timer.decode_calls,
                 }
             )
+
+    def task_layers(self) -> dict[str, int]:
+        """The K each task's requests were answered at (one per task: batches never mix tasks)."""
+        return {record["task"]: record["withdraw_layer"] for record in self.records}
 
     def report(self) -> None:
         """Averages into lmms-eval's results (``throughput``); every request into a JSON Lines file."""
@@ -135,6 +140,16 @@ class RequestAccounting:
                         "prefill_flops_whole_model_saved": mean("prefill_flops_whole_model_saved"),
                     }
                     if self.whole_model is not None
+                    else {}
+                ),
+                **{f"withdraw_layer/{task}": layer for task, layer in self.task_layers().items()},
+                **(
+                    {
+                        "calibration_tflops": self.calibration_flops / 1e12,
+                        "calibration_share_of_prefill": self.calibration_flops
+                        / sum(r["prefill_flops_vtw"] for r in records),
+                    }
+                    if self.calibration_flops
                     else {}
                 ),
                 "prefill_seconds_per_batch": sum(t.prefill_seconds for t in timers) / len(timers),

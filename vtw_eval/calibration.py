@@ -2,8 +2,11 @@
 
 For each calibration prompt and each candidate layer k in 0..L: the next-token distribution at
 the last prompt position of the unmodified model (p_full) and with withdrawal before layer k
-(p_k), and KL(p_k || p_full). K is the smallest k whose mean KL over the samples is at most the
-threshold (0.003 by default, the paper's LLaVA-1.5-7B setting).
+(p_k), and KL(p_k || p_full). With ``kl_tokens`` T > 1 the KL is averaged over that position and
+the first T-1 positions of the unmodified model's own greedy answer, teacher-forced, so that
+long answers (captions, reading) are judged by more than their first word. K is the smallest k
+whose mean KL over the samples is at most the threshold (0.003 by default, the paper's
+LLaVA-1.5-7B setting).
 
 All k come from one full forward per batch that keeps every layer's input hidden states, then
 each layer j runs once over the kept tokens of all candidates k <= j stacked along the batch (the
@@ -31,15 +34,51 @@ def tile_batch(tensor: torch.Tensor, copies: int, trailing_dims: int) -> torch.T
 
 
 @torch.inference_mode()
+def with_greedy_answer(
+    withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor], kl_tokens: int, eos_token_id: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The prompts followed by the first ``kl_tokens - 1`` tokens of the unmodified model's own
+    greedy answer (never the dataset's), and which of the last positions the KL counts.
+
+    Returns the extended inputs and ``counted`` (batch, positions) bool: position 0 is the last
+    prompt token; position i > 0 follows answer token i-1 and counts while the answer has not
+    ended (no EOS among its first i tokens). Rows whose answer ended early carry padding after it,
+    which, being later in the sequence, changes nothing at the positions that count.
+    """
+    batch = inputs["input_ids"].shape[0]
+    if kl_tokens == 1:
+        return inputs, torch.ones(batch, 1, dtype=torch.bool)
+    saved, withdrawal.withdraw_layer = withdrawal.withdraw_layer, None
+    try:
+        output = withdrawal.model.generate(
+            **inputs, max_new_tokens=kl_tokens - 1, do_sample=False, num_beams=1,
+            eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        )  # fmt: skip
+    finally:
+        withdrawal.withdraw_layer = saved
+    answer = output[:, inputs["input_ids"].shape[1] :]
+    ended = (answer == eos_token_id).int().cumsum(1) > 0  # True from each row's EOS on
+    counted = torch.cat([torch.ones(batch, 1, dtype=torch.bool), ~ended.cpu()], dim=1)
+    extended = dict(inputs, input_ids=output)
+    # Per-token inputs grow with the answer: attention 1 (causality keeps padding after an EOS
+    # from reaching the counted positions), any per-token type ids 0 (text).
+    for key, value in inputs.items():
+        if key != "input_ids" and value.shape == inputs["input_ids"].shape:
+            tail = torch.full_like(answer, 1 if key == "attention_mask" else 0, dtype=value.dtype)
+            extended[key] = torch.cat([value, tail.to(value.device)], dim=1)
+    return extended, counted
+
+
+@torch.inference_mode()
 def every_layer_last_hidden(
-    withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor]
+    withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor], positions: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One unmodified forward of ``inputs`` and, from it, for every candidate k in 0..L-1 the
-    final-norm hidden state of the last prompt token with withdrawal before layer k.
+    final-norm hidden states of the last ``positions`` tokens with withdrawal before layer k.
 
-    Returns the unmodified model's last-position logits (batch, vocab) and the hidden states
-    (L, batch, hidden). The forward keeps each layer's input; then each layer j runs once, over
-    the kept tokens of all candidates k <= j stacked along the batch, with no KV cache.
+    Returns the unmodified model's logits there (batch, positions, vocab) and the hidden states
+    (L, batch, positions, hidden). The forward keeps each layer's input; then each layer j runs
+    once, over the kept tokens of all candidates k <= j stacked along the batch, with no KV cache.
     """
     language_model = withdrawal.language_model
     saved, withdrawal.withdraw_layer = withdrawal.withdraw_layer, None
@@ -70,20 +109,32 @@ def every_layer_last_hidden(
             position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
             use_cache=False,
         )
-    last = language_model.norm(hidden[:, -1])
-    return full.logits[:, -1], last.view(withdrawal.num_layers, plan.kept_positions.shape[0], -1)
+    last = language_model.norm(hidden[:, -positions:])
+    batch = plan.kept_positions.shape[0]
+    return full.logits[:, -positions:], last.view(withdrawal.num_layers, batch, positions, -1)
 
 
 @torch.inference_mode()
-def layer_kl_divergences(withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """KL(p_k || p_full) at the last prompt position, shape (batch, L + 1); column L is 0."""
-    full_logits, last_hidden = every_layer_last_hidden(withdrawal, inputs)
+def layer_kl_divergences(
+    withdrawal: VisualTokenWithdrawal, inputs: dict[str, torch.Tensor], counted: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(p_k || p_full) per row and candidate layer, shape (batch, L + 1); column L is 0.
+
+    Without ``counted``, at the last prompt position (the paper's criterion). With ``counted``
+    (batch, positions) from ``with_greedy_answer``, averaged over the last positions it marks.
+    """
+    if counted is None:
+        counted = torch.ones(inputs["input_ids"].shape[0], 1, dtype=torch.bool)
+    full_logits, last_hidden = every_layer_last_hidden(withdrawal, inputs, counted.shape[1])
     log_p_full = torch.log_softmax(full_logits.float(), dim=-1)
-    log_p = torch.log_softmax(
-        withdrawal.model.get_output_embeddings()(last_hidden).float(), dim=-1
-    )  # (L, batch, vocab)
-    kl = (log_p.exp() * (log_p - log_p_full.to(log_p.device))).sum(-1).T  # (batch, L)
-    return torch.cat([kl, torch.zeros(kl.shape[0], 1, device=kl.device)], dim=1).cpu()
+    head = withdrawal.model.get_output_embeddings()
+    weights = counted.to(torch.float32) / counted.sum(1, keepdim=True)
+    kl = torch.zeros(counted.shape[0], withdrawal.num_layers + 1)
+    for layer, hidden in enumerate(last_hidden):  # one layer at a time: (batch, positions, vocab)
+        log_p = torch.log_softmax(head(hidden).float(), dim=-1)
+        per_position = (log_p.exp() * (log_p - log_p_full.to(log_p.device))).sum(-1)
+        kl[:, layer] = (per_position.cpu() * weights).sum(1)
+    return kl
 
 
 def choose_withdraw_layer(mean_kl: list[float], threshold: float) -> tuple[int, bool]:
@@ -93,6 +144,21 @@ def choose_withdraw_layer(mean_kl: list[float], threshold: float) -> tuple[int, 
         if value <= threshold:
             return layer, True
     return num_layers, False
+
+
+def task_entry(kl_rows: torch.Tensor, kl_threshold: float, kl_tokens: int) -> dict:
+    """One task's calibration entry from its samples' per-layer KL (samples, L + 1)."""
+    mean_kl = kl_rows.to(torch.float64).mean(0).tolist()
+    layer, met = choose_withdraw_layer(mean_kl, kl_threshold)
+    return {
+        "withdraw_layer": layer,
+        "threshold_met": met,
+        "kl_threshold": kl_threshold,
+        "kl_tokens": kl_tokens,
+        "num_samples": kl_rows.shape[0],
+        "mean_kl": mean_kl,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def summarise(per_subset: dict[str, dict], identity: dict) -> dict:

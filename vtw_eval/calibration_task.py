@@ -16,7 +16,7 @@ import torch
 from vtw_eval.calibration import summarise
 from vtw_eval.calibration_file import write_calibration
 
-IDENTITY_KEYS = ("model", "config_hash", "weights_fingerprint", "dtype", "kl_threshold")
+IDENTITY_KEYS = ("model", "config_hash", "weights_fingerprint", "dtype", "kl_threshold", "kl_tokens")
 
 
 def calibration_docs_wanted() -> int:
@@ -55,7 +55,7 @@ def process_results(doc, results):
 def _identity(records: list[dict], what: str) -> dict:
     identity = {key: records[0][key] for key in IDENTITY_KEYS}
     if any(record[key] != identity[key] for record in records for key in IDENTITY_KEYS):
-        raise ValueError(f"vtw_calibration {what} disagree on model, config, weights, dtype or threshold")
+        raise ValueError(f"vtw_calibration {what} disagree on model, config, weights, dtype, threshold or kl_tokens")
     return identity
 
 

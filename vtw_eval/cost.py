@@ -65,14 +65,27 @@ class DecoderGeometry:
             raise ValueError(f"withdraw_layer must be in 0..{self.num_layers} or None, got {withdraw_layer!r}")
         return k, self.num_layers - k
 
+    def layer_flops(self, num_tokens: int) -> int:
+        """One layer's prefill over ``num_tokens`` tokens."""
+        return num_tokens * self.token_flops() + num_tokens * num_tokens * self.pair_flops()
+
     def prefill_flops(self, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> int:
         full_layers, withdrawn_layers = self._split(withdraw_layer)
-        kept = num_tokens - num_visual
+        return full_layers * self.layer_flops(num_tokens) + withdrawn_layers * self.layer_flops(num_tokens - num_visual)
 
-        def layer(n: int) -> int:
-            return n * self.token_flops() + n * n * self.pair_flops()
-
-        return full_layers * layer(num_tokens) + withdrawn_layers * layer(kept)
+    def calibration_flops(self, num_tokens: int, num_visual: int, answer_tokens: int = 0) -> int:
+        """Measuring one prompt's KL at every candidate K (calibration.py): with ``answer_tokens``
+        > 0 the greedy answer's generation (a prefill and answer_tokens - 1 decoding steps), then one
+        unmodified forward over prompt and answer, then layer j over the kept tokens of j + 1
+        candidates (L(L+1)/2 layer passes)."""
+        generation = 0
+        if answer_tokens:
+            generation = self.prefill_flops(num_tokens, num_visual, None) + sum(
+                self.decode_step_flops(num_tokens + step, num_visual, None) for step in range(answer_tokens - 1)
+            )
+        total = num_tokens + answer_tokens
+        candidates = self.num_layers * (self.num_layers + 1) // 2 * self.layer_flops(total - num_visual)
+        return generation + self.prefill_flops(total, num_visual, None) + candidates
 
     def decode_step_flops(self, context: int, num_visual: int, withdraw_layer: int | None) -> int:
         """One new token after ``context`` tokens (prompt plus tokens generated so far)."""

@@ -133,7 +133,16 @@ def efficiency_rows(runs: list[Run]) -> list[dict]:
     wall = [_number(run.data.get("total_evaluation_time_seconds")) for run in runs]
     if any(v is not None for v in wall):
         rows.append({"figure": "wall time (s)", **{run.label: v for run, v in zip(runs, wall)}})
-    for key in EFFICIENCY_KEYS:
+    # Each task's own K (withdraw_layer/<task>) and the calibration cost, when calibrate_per_task ran.
+    per_task = sorted(
+        {
+            key.removeprefix("avg_")
+            for run in runs
+            for key in run.data.get("throughput") or {}
+            if key.startswith(("avg_withdraw_layer/", "avg_calibration_"))
+        }
+    )
+    for key in (*EFFICIENCY_KEYS, *per_task):
         values = [_number((run.data.get("throughput") or {}).get(f"avg_{key}")) for run in runs]
         if any(v is not None for v in values):
             rows.append({"figure": key, **{run.label: v for run, v in zip(runs, values)}})

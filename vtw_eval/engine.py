@@ -89,13 +89,6 @@ def plan_withdrawal(
     return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, input_ids.shape[1])
 
 
-def tile_batch(tensor: torch.Tensor, copies: int, trailing_dims: int) -> torch.Tensor:
-    """Repeat along the batch dimension, the one followed by ``trailing_dims`` dimensions."""
-    repeats = [1] * tensor.dim()
-    repeats[tensor.dim() - 1 - trailing_dims] = copies
-    return tensor.repeat(*repeats)
-
-
 def visual_token_ids_of(config) -> list[int]:
     """Token ids whose positions hold visual embeddings (image, and video where the model has one)."""
     ids = []

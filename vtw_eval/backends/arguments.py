@@ -16,12 +16,14 @@ def _integer_text(value: Any) -> str:
     return str(value).strip()
 
 
-def positive_int(name: str, value: Any) -> int:
+def integer(name: str, value: Any, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (1 unless said otherwise)."""
     if not isinstance(value, bool):
         text = _integer_text(value)
-        if text.isdigit() and int(text) >= 1:
+        if text.isdigit() and int(text) >= minimum:
             return int(text)
-    raise ValueError(f"{name}={value!r} is not accepted; use a positive integer")
+    accepted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise ValueError(f"{name}={value!r} is not accepted; use {accepted}")
 
 
 def non_negative_float(name: str, value: Any) -> float:

@@ -25,8 +25,20 @@ from transformers import AutoConfig, AutoProcessor, StoppingCriteria, StoppingCr
 
 from vtw_eval.accounting import CallTimer, RequestAccounting, default_accounting_file
 from vtw_eval.backends import arguments
-from vtw_eval.calibration import DEFAULT_KL_THRESHOLD, choose_withdraw_layer, layer_kl_divergences
-from vtw_eval.calibration_file import calibration_file_stem, load_calibration, model_identity
+from vtw_eval.calibration import (
+    DEFAULT_KL_THRESHOLD,
+    choose_withdraw_layer,
+    layer_kl_divergences,
+    task_entry,
+    with_greedy_answer,
+)
+from vtw_eval.calibration_file import (
+    calibration_file_stem,
+    load_calibration,
+    model_identity,
+    write_task_calibration,
+)
+from vtw_eval.cost import DecoderGeometry
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.registry import BACKENDS
 from vtw_eval.tasks import TASKS_DIR
@@ -88,6 +100,8 @@ class VTWBackend(lmms):
         calibration: str | None = None,
         calibration_dir: str = "results/calibration",
         kl_threshold: float | None = None,
+        calibrate_per_task: int = 0,
+        kl_tokens: int = 1,
         accounting_file: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes it; batches are batch_size
         **kwargs,
@@ -95,11 +109,13 @@ class VTWBackend(lmms):
         super().__init__()
         if kwargs:
             raise ValueError(f"Unknown model_args for {type(self).__name__}: {sorted(kwargs)}")
-        self.batch_size_per_gpu = arguments.positive_int("batch_size", batch_size)
+        self.batch_size_per_gpu = arguments.integer("batch_size", batch_size)
         self.threshold_given = kl_threshold is not None
         self.kl_threshold = arguments.non_negative_float(
             "kl_threshold", DEFAULT_KL_THRESHOLD if kl_threshold is None else kl_threshold
         )
+        self.calibrate_per_task = arguments.integer("calibrate_per_task", calibrate_per_task, minimum=0)
+        self.kl_tokens = arguments.integer("kl_tokens", kl_tokens)
         self.chat_template, self.use_cache, self.pretrained = chat_template, use_cache, pretrained
         self._set_up_processes(device, device_map)
         self._load(
@@ -114,7 +130,9 @@ class VTWBackend(lmms):
         self.identity = model_identity(self._model, pretrained)
         stem = calibration_file_stem(pretrained, self.identity["config_hash"])
         self.calibration_file = Path(calibration or Path(calibration_dir) / f"{stem}.json").resolve()
-        self.withdrawal.withdraw_layer = self._resolve_withdraw_layer(withdraw_layer)
+        # The K of every request, unless withdraw_layer=auto finds a task's own K in the calibration file.
+        self.default_withdraw_layer = self._resolve_withdraw_layer(withdraw_layer)
+        self.withdrawal.withdraw_layer = self.default_withdraw_layer
         self.accounting_file = self._accounting_path(accounting_file, stem)
         logger.info(
             f"{type(self).__name__}: {pretrained} on {self._device} (rank {self._rank} of {self._world_size}), "
@@ -193,15 +211,43 @@ class VTWBackend(lmms):
         )
 
     def _resolve_withdraw_layer(self, value) -> int | None:
-        """An explicit K, none, or with ``auto`` the K of this model's calibration file."""
+        """An explicit K, none, or with ``auto`` the global K of this model's calibration file (None
+        when ``calibrate_per_task`` is on and the file has none: every task gets its own)."""
         layer = arguments.withdraw_layer(value, self.withdrawal.num_layers)
-        if layer != "auto":
+        self.auto = layer == "auto"
+        if self.calibrate_per_task and not self.auto:
+            raise ValueError(
+                f"calibrate_per_task={self.calibrate_per_task} chooses each task's K, so it needs "
+                f"withdraw_layer=auto; got withdraw_layer={value!r}"
+            )
+        if not self.auto:
             return layer
-        record = load_calibration(
-            self.calibration_file, self.identity, self.withdrawal.num_layers, self.calibration_command()
-        )
+        record = self._calibration_record(need_global=not self.calibrate_per_task)
+        if response_cache_requested():
+            raise ValueError(
+                "withdraw_layer=auto cannot be combined with lmms-eval's --use_cache: the response cache "
+                "keys answers on the model_args string, which does not show the K that auto resolves to, so "
+                "answers computed at another K would be returned. "
+                + (
+                    f"Pass withdraw_layer={self._global_layer(record)} (what auto resolves to now, from "
+                    f"{self.calibration_file}) instead."
+                    if record is not None and "withdraw_layer" in record and not record.get("per_task")
+                    else "Pass an explicit withdraw_layer per task instead."
+                )
+            )
+        if record is None or "withdraw_layer" not in record:
+            logger.info(f"withdraw_layer=auto: no global K in {self.calibration_file}; each task gets its own")
+            return None
         if record["dtype"] != self.identity["dtype"]:
             logger.warning(f"withdraw_layer=auto: calibrated in {record['dtype']}, running in {self.identity['dtype']}")
+        if record.get("kl_tokens", 1) != self.kl_tokens:
+            logger.warning(
+                f"withdraw_layer=auto: the global K was calibrated with kl_tokens={record.get('kl_tokens', 1)}, "
+                f"this run asks for kl_tokens={self.kl_tokens} (used for per-task entries)"
+            )
+        return self._global_layer(record)
+
+    def _global_layer(self, record: dict) -> int:
         layer = record["withdraw_layer"]
         if self.threshold_given and self.kl_threshold != record["kl_threshold"]:
             # The file holds the whole KL curve: another threshold needs no new calibration.
@@ -212,14 +258,112 @@ class VTWBackend(lmms):
             )
         else:
             logger.info(f"withdraw_layer=auto: K={layer} from {self.calibration_file}")
-        if response_cache_requested():
-            raise ValueError(
-                f"withdraw_layer=auto cannot be combined with lmms-eval's --use_cache: the response cache "
-                f"keys answers on the model_args string, which does not show the K that auto resolves to, so "
-                f"answers computed at another K would be returned. Pass withdraw_layer={layer} "
-                f"(what auto resolves to now, from {self.calibration_file}) instead."
-            )
         return layer
+
+    def _calibration_record(self, need_global: bool) -> dict | None:
+        """This model's calibration record; None where per-task calibration can start without one."""
+        if not need_global and not self.calibration_file.is_file():
+            return None
+        try:
+            return load_calibration(
+                self.calibration_file, self.identity, self.withdrawal.num_layers, self.calibration_command(),
+                need_global,
+            )  # fmt: skip
+        except ValueError as error:
+            if need_global:
+                raise
+            logger.warning(f"{error}\ncalibrate_per_task={self.calibrate_per_task} will write a new file there")
+            return None
+
+    # -- per-task K ------------------------------------------------------------------------
+
+    def _task_withdraw_layers(self, requests_args: list) -> tuple[dict[str, int | None], int]:
+        """The K each task of these requests is answered at, and the decoder FLOPs spent choosing.
+
+        Without ``auto``, the given K. With ``auto``: the task's entry in the calibration file when its
+        threshold and ``kl_tokens`` are this run's; else, with ``calibrate_per_task``, a calibration on
+        the task's own prompts now; else the global K. Every process decides the same (rank 0 reads
+        the file; calibration KL is gathered over ranks)."""
+        tasks = sorted(set().union(*self._from_every_rank({args[4] for args in requests_args})))
+        if not self.auto:
+            return dict.fromkeys(tasks, self.default_withdraw_layer), 0
+        entries = self._from_rank_zero(self._matching_task_entries(tasks) if self._rank == 0 else None)
+        layers, flops = {}, 0
+        for task in tasks:
+            entry = entries[task]
+            if entry is None and self.calibrate_per_task:
+                entry, task_flops = self._calibrate_task(task, [args for args in requests_args if args[4] == task])
+                flops += task_flops
+            if entry is None:
+                layers[task] = self.default_withdraw_layer
+                logger.info(f"withdraw_layer=auto: task {task} at the global K={layers[task]} (no entry of its own)")
+            else:
+                layers[task] = entry["withdraw_layer"]
+                logger.info(
+                    f"withdraw_layer=auto: task {task} at K={layers[task]} (its own: {entry['num_samples']} prompts, "
+                    f"kl_tokens={entry['kl_tokens']}, threshold {entry['kl_threshold']:g})"
+                )
+        return layers, flops
+
+    def _matching_task_entries(self, tasks: list[str]) -> dict[str, dict | None]:
+        record = self._calibration_record(need_global=False) or {}
+        per_task = record.get("per_task", {})
+        return {
+            task: per_task[task]
+            if task in per_task
+            and per_task[task]["kl_threshold"] == self.kl_threshold
+            and per_task[task].get("kl_tokens", 1) == self.kl_tokens
+            else None
+            for task in tasks
+        }
+
+    def _calibrate_task(self, task: str, requests_args: list) -> tuple[dict, int]:
+        """Per-layer KL on ``calibrate_per_task`` of the task's prompts (spread evenly over its docs on
+        all ranks; answers never read), its K written into the calibration file; and its FLOPs."""
+        all_docs = sorted(set().union(*self._from_every_rank({args[3] for args in requests_args})))
+        step = max(len(all_docs) // self.calibrate_per_task, 1)
+        chosen = set(all_docs[::step][: self.calibrate_per_task])
+        by_doc = {}  # one request per doc (a multiple-choice doc has one per choice, same prompt)
+        for args in requests_args:
+            if args[3] in chosen:
+                by_doc.setdefault(args[3], args)
+        mine = [by_doc[doc] for doc in sorted(by_doc)]
+        geometry = DecoderGeometry.from_config(self._model.config)
+        rows, flops = [], 0
+        progress = tqdm(total=len(mine), disable=self.rank != 0, desc=f"VTW calibrating {task}")
+        for start in range(0, len(mine), self.batch_size):
+            chunk = mine[start : start + self.batch_size]
+            inputs = self._batch_inputs(chunk)
+            extended, counted = with_greedy_answer(self.withdrawal, inputs, self.kl_tokens, self.eot_token_id)
+            kl = layer_kl_divergences(self.withdrawal, extended, counted)
+            rows += [(args[3], row.tolist()) for args, row in zip(chunk, kl)]
+            for length, num_visual in zip(self._prompt_lengths(inputs), self._visual_counts(inputs)):
+                flops += geometry.calibration_flops(length, num_visual, counted.shape[1] - 1)
+            progress.update(len(chunk))
+        progress.close()
+        rows = sorted(row for rank_rows in self._from_every_rank(rows) for row in rank_rows)
+        entry = task_entry(torch.tensor([kl for _, kl in rows]), self.kl_threshold, self.kl_tokens)
+        if self._rank == 0:
+            json_path, plot_path = write_task_calibration(
+                self.calibration_file, self.identity, self.withdrawal.num_layers, task, entry
+            )
+            logger.info(f"VTW calibration of {task}: K={entry['withdraw_layer']}; wrote {json_path} and {plot_path}")
+        return entry, flops  # this process's share, as its accounting reports this process's requests
+
+    def _from_every_rank(self, value) -> list:
+        """``value`` from every process, in rank order (``[value]`` in a single process)."""
+        if self._world_size == 1:
+            return [value]
+        gathered = [None] * self._world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def _from_rank_zero(self, value):
+        if self._world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _accounting_path(self, accounting_file: str | None, stem: str) -> Path:
         path = Path(accounting_file or default_accounting_file(stem, self._rank)).resolve()
@@ -301,18 +445,36 @@ class VTWBackend(lmms):
                     f"{limit} positions (max_position_embeddings)"
                 )
 
+    def _prompt_lengths(self, inputs: dict[str, torch.Tensor]) -> list[int]:
+        """Each row's prompt tokens, without padding."""
+        if "attention_mask" in inputs:
+            return inputs["attention_mask"].sum(1).tolist()
+        return [inputs["input_ids"].shape[1]] * inputs["input_ids"].shape[0]
+
+    def _visual_counts(self, inputs: dict[str, torch.Tensor]) -> list[int]:
+        input_ids = inputs["input_ids"]
+        visual_ids = torch.tensor(self.withdrawal.visual_token_ids, device=input_ids.device)
+        return torch.isin(input_ids, visual_ids).sum(1).tolist()
+
     # -- lmms-eval's request types ---------------------------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        # Longest prompts first so a batch pads little; grouped by generation arguments.
-        collator = utils.Collator(
-            [request.args for request in requests], lambda args: (-len(args[0]), args[0]), grouping=True
-        )
         accounting = RequestAccounting(self._model, self.accounting_file)
+        answered = [request.args for request in requests if not request.args[1].get("vtw_calibration")]
+        layers, accounting.calibration_flops = self._task_withdraw_layers(answered)
+        # Longest prompts first so a batch pads little; grouped by task (each has its K) and
+        # generation arguments.
+        collator = utils.Collator(
+            [request.args for request in requests],
+            lambda args: (-len(args[0]), args[0]),
+            group_fn=lambda args: {**args[1], "vtw_task": args[4]},
+            grouping=True,
+        )
         results = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="VTW generate")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             gen_kwargs, doc_ids = chunk[0][1], [(args[4], args[3]) for args in chunk]
+            self.withdrawal.withdraw_layer = layers.get(chunk[0][4], self.default_withdraw_layer)
             try:
                 inputs = self._batch_inputs(chunk)
                 if gen_kwargs.get("vtw_calibration"):
@@ -326,6 +488,7 @@ class VTWBackend(lmms):
                 self.cache_hook.add_partial("generate_until", (args[0], gen_kwargs), text)
             progress.update(len(chunk))
         progress.close()
+        self.withdrawal.withdraw_layer = self.default_withdraw_layer
         accounting.report()
         return collator.get_original(results)
 
@@ -365,33 +528,42 @@ class VTWBackend(lmms):
             texts = [text.split(stop_string)[0] if stop_string else text for text in texts]
 
         # Per request: its own prompt tokens (no padding), visual tokens and generated tokens.
-        if "attention_mask" in inputs:
-            prompt_tokens = inputs["attention_mask"].sum(1).tolist()
-        else:
-            prompt_tokens = [input_ids.shape[1]] * len(texts)
-        visual = torch.isin(input_ids, torch.tensor(self.withdrawal.visual_token_ids, device=input_ids.device))
         accounting.add_batch(
-            doc_ids, prompt_tokens, visual.sum(1).tolist(), generated, self.withdrawal.withdraw_layer, timer
-        )
+            doc_ids, self._prompt_lengths(inputs), self._visual_counts(inputs), generated,
+            self.withdrawal.withdraw_layer, timer,
+        )  # fmt: skip
         return [text.strip() for text in texts]
 
     def _calibration_answers(self, inputs: dict[str, torch.Tensor], tasks: list[str]) -> list[str]:
         """A vtw_calibration request's answer: this prompt's KL per candidate layer, as JSON."""
         arguments.writable_dir(self.calibration_file.parent, "calibration_dir")
-        kl = layer_kl_divergences(self.withdrawal, inputs)
-        sample = {**self.identity, "kl_threshold": self.kl_threshold, "calibration_file": str(self.calibration_file)}
+        extended, counted = with_greedy_answer(self.withdrawal, inputs, self.kl_tokens, self.eot_token_id)
+        kl = layer_kl_divergences(self.withdrawal, extended, counted)
+        sample = {
+            **self.identity,
+            "kl_threshold": self.kl_threshold,
+            "kl_tokens": self.kl_tokens,
+            "calibration_file": str(self.calibration_file),
+        }
         return [json.dumps({"subset": task, "kl": row.tolist(), **sample}) for task, row in zip(tasks, kl)]
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Per request: the sum of the continuation's token log-probabilities, and whether greedy
         decoding gives it. Batched like ``generate_until``; each prompt is encoded once."""
+        layers, calibration_flops = self._task_withdraw_layers([request.args for request in requests])
+        if calibration_flops:
+            logger.info(f"VTW per-task calibration for loglikelihood requests: {calibration_flops / 1e12:.3g} TFLOPs")
         collator = utils.Collator(
-            [request.args for request in requests], lambda args: (-len(args[0] + str(args[1])), args[0])
+            [request.args for request in requests],
+            lambda args: (-len(args[0] + str(args[1])), args[0]),
+            group_fn=lambda args: {"vtw_task": args[4]},  # each task at its own K
+            grouping=True,
         )
         results = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="VTW loglikelihood")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            self.withdrawal.withdraw_layer = layers.get(chunk[0][4], self.default_withdraw_layer)
             try:
                 results += self._loglikelihood_batch(chunk)
             except Exception as error:
@@ -399,6 +571,7 @@ class VTWBackend(lmms):
                 raise RuntimeError(f"VTW loglikelihood failed for (task, doc_id) {doc_ids}: {error}") from error
             progress.update(len(chunk))
         progress.close()
+        self.withdrawal.withdraw_layer = self.default_withdraw_layer
         return collator.get_original(results)
 
     def _loglikelihood_batch(self, chunk) -> list[tuple[float, bool]]:

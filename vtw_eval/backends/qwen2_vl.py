@@ -30,7 +30,7 @@ class VTWQwen2VL(VTWBackend):
         **kwargs,
     ) -> None:
         super().__init__(pretrained, **kwargs)
-        self.max_num_frames = arguments.positive_int("max_num_frames", max_num_frames)
+        self.max_num_frames = arguments.integer("max_num_frames", max_num_frames)
         for processor in (self.processor.image_processor, getattr(self.processor, "video_processor", None)):
             if processor is not None:  # the pixel budget decides how many visual tokens an image gets
                 processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}

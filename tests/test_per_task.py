@@ -1,0 +1,137 @@
+"""Per-task calibration through the lmms-eval CLI: each task at its own K, the file reused, and
+recalibration when the threshold or the criterion changes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import NUM_LAYERS
+
+from vtw_eval.calibration import choose_withdraw_layer
+from vtw_eval.run import REPO_ROOT, run_lmms_eval
+
+# The tiny MME questions without their images: a task whose KL is 0 at every layer, so its own K
+# is 0, while the questions with images need a later layer.
+BLIND_TASK = """\
+include: vtw_tiny_mme.yaml
+task: vtw_tiny_mme_blind
+doc_to_visual: !function blind.no_visuals
+"""
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """tasks/vtw_tiny (its data stays where it is, relative to the repository root) plus the blind task."""
+    directory = tmp_path_factory.mktemp("tasks")
+    for path in (REPO_ROOT / "tasks" / "vtw_tiny").glob("*.*"):
+        shutil.copy(path, directory)
+    (directory / "vtw_tiny_mme_blind.yaml").write_text(BLIND_TASK)
+    (directory / "blind.py").write_text("def no_visuals(doc):\n    return []\n")
+    return directory
+
+
+def run(tiny_llava_path, out, task_dir, extra: str = "", tasks: str = "vtw_tiny_mme,vtw_tiny_mme_blind"):
+    model_args = (
+        f"pretrained={tiny_llava_path},device=cpu,withdraw_layer=auto,calibrate_per_task=8,"
+        f"calibration_dir={out.parent}/calibration,accounting_file={out}/requests.jsonl{extra}"
+    )
+    results_file = run_lmms_eval(
+        "vtw_llava", model_args, tasks, out, "--batch_size", "4", "--log_samples", include_path=task_dir
+    )
+    calibration = json.loads(next((out.parent / "calibration").glob("*.json")).read_text())
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    return json.loads(results_file.read_text()), calibration, records, (out / "lmms_eval.log").read_text()
+
+
+def answers(out, task):
+    samples = next(out.glob(f"*/*_samples_{task}.jsonl")).read_text().splitlines()
+    return {json.loads(s)["doc_id"]: json.loads(s)["filtered_resps"] for s in samples}
+
+
+def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_path, task_dir):
+    results, calibration, records, log = run(tiny_llava_path, tmp_path / "first", task_dir)
+    entries = calibration["per_task"]
+    assert sorted(entries) == ["vtw_tiny_mme", "vtw_tiny_mme_blind"]
+    for task, entry in entries.items():
+        assert (entry["num_samples"], entry["kl_tokens"], entry["kl_threshold"]) == (8, 1, 0.003)
+        assert len(entry["mean_kl"]) == NUM_LAYERS + 1
+        assert (entry["withdraw_layer"], entry["threshold_met"]) == choose_withdraw_layer(entry["mean_kl"], 0.003)
+    assert entries["vtw_tiny_mme_blind"]["withdraw_layer"] == 0 and max(entries["vtw_tiny_mme_blind"]["mean_kl"]) == 0
+    k_mme = entries["vtw_tiny_mme"]["withdraw_layer"]
+    assert k_mme > 0  # the two tasks' calibrations differ
+    assert "withdraw_layer" not in calibration  # no global K was needed or invented
+    # Every request was answered at its task's K: accounting, results JSON.
+    for record in records:
+        assert record["withdraw_layer"] == entries[record["task"]]["withdraw_layer"], record
+    assert {r["task"] for r in records} == set(entries) and len(records) == 32
+    throughput = results["throughput"]
+    assert throughput["avg_withdraw_layer/vtw_tiny_mme"] == k_mme
+    assert throughput["avg_withdraw_layer/vtw_tiny_mme_blind"] == 0
+    assert 0 < throughput["avg_calibration_share_of_prefill"]
+    assert "VTW calibration of vtw_tiny_mme:" in log and "VTW calibration of vtw_tiny_mme_blind:" in log
+
+    # The answers at the task's own K are those of a plain run at that K.
+    plain = tmp_path / "plain"
+    run_lmms_eval(
+        "vtw_llava", f"pretrained={tiny_llava_path},device=cpu,withdraw_layer={k_mme},accounting_file={plain}/a.jsonl",
+        "vtw_tiny_mme", plain, "--batch_size", "4", "--log_samples", include_path=task_dir,
+    )  # fmt: skip
+    assert answers(tmp_path / "first", "vtw_tiny_mme") == answers(plain, "vtw_tiny_mme")
+
+    # A second run reuses the file: nothing recalibrated, nothing rewritten.
+    _, again, records_again, log = run(tiny_llava_path, tmp_path / "second", task_dir)
+    assert again == calibration
+    assert "VTW calibration of" not in log and "task vtw_tiny_mme at K=" in log
+    assert [r["withdraw_layer"] for r in records_again] == [r["withdraw_layer"] for r in records]
+
+    # Another threshold, then another criterion: recalibrated, each entry replaced.
+    _, changed, _, log = run(tiny_llava_path, tmp_path / "threshold", task_dir, ",kl_threshold=0.0005")
+    assert "VTW calibration of vtw_tiny_mme:" in log
+    assert changed["per_task"]["vtw_tiny_mme"]["kl_threshold"] == 0.0005
+    torch.testing.assert_close(
+        torch.tensor(changed["per_task"]["vtw_tiny_mme"]["mean_kl"]), torch.tensor(entries["vtw_tiny_mme"]["mean_kl"])
+    )  # the same prompts and criterion: the same curve, chosen at another threshold
+    _, changed, _, log = run(tiny_llava_path, tmp_path / "criterion", task_dir, ",kl_tokens=3")
+    assert "VTW calibration of vtw_tiny_mme:" in log
+    assert changed["per_task"]["vtw_tiny_mme"]["kl_tokens"] == 3
+    assert changed["per_task"]["vtw_tiny_mme"]["mean_kl"] != entries["vtw_tiny_mme"]["mean_kl"]
+
+
+def test_without_calibrate_per_task_auto_uses_a_tasks_entry_else_the_global_k(tiny_llava_path, tmp_path, task_dir):
+    calibration_dir = tmp_path / "calibration"
+    run(tiny_llava_path, tmp_path / "per_task", task_dir, tasks="vtw_tiny_mme_blind")
+    with pytest.raises(RuntimeError, match="lmms-eval failed"):  # per-task entries only: no global K
+        run_lmms_eval(
+            "vtw_llava", f"pretrained={tiny_llava_path},device=cpu,withdraw_layer=auto,calibration_dir={calibration_dir}",
+            "vtw_tiny_mme", tmp_path / "refused", include_path=task_dir,
+        )  # fmt: skip
+    assert "holds per-task entries only, no global K" in (tmp_path / "refused" / "lmms_eval.log").read_text()
+    run_lmms_eval(  # the global K from the calibration group, written beside the per-task entry
+        "vtw_llava", f"pretrained={tiny_llava_path},device=cpu,withdraw_layer=none,calibration_dir={calibration_dir}",
+        "vtw_calibration_tiny", tmp_path / "global", "--batch_size", "4", include_path=task_dir,
+    )  # fmt: skip
+    file = json.loads(next(calibration_dir.glob("*.json")).read_text())
+    assert "vtw_tiny_mme_blind" in file["per_task"] and file["kl_tokens"] == 1
+    out = tmp_path / "mixed"
+    run_lmms_eval(
+        "vtw_llava",
+        f"pretrained={tiny_llava_path},device=cpu,withdraw_layer=auto,calibration_dir={calibration_dir},"
+        f"accounting_file={out}/requests.jsonl",
+        "vtw_tiny_mme,vtw_tiny_mme_blind", out, "--batch_size", "4", include_path=task_dir,
+    )  # fmt: skip
+    layers = {json.loads(line)["task"]: json.loads(line)["withdraw_layer"] for line in open(out / "requests.jsonl")}
+    assert layers == {"vtw_tiny_mme": file["withdraw_layer"], "vtw_tiny_mme_blind": 0}
+
+
+def test_calibrate_per_task_needs_auto(tiny_llava_path):
+    from vtw_eval.backends.llava import VTWLlava
+
+    with pytest.raises(ValueError, match=r"calibrate_per_task=4 chooses each task's K, so it needs withdraw_layer=auto"):
+        VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer=2, calibrate_per_task=4, device="cpu")
+    with pytest.raises(ValueError, match=r"kl_tokens='0' is not accepted; use a positive integer"):
+        VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer=2, kl_tokens="0", device="cpu")
+    with pytest.raises(ValueError, match=r"calibrate_per_task=-1 is not accepted; use an integer >= 0"):
+        VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", calibrate_per_task=-1, device="cpu")
