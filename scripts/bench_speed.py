@@ -169,8 +169,8 @@ def main(argv=None) -> None:
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in runs[k]][0],
         }
         row["analytic_whole_model_prefill_speedup"] = whole.prefill_flops(
-            num_tokens, num_visual, None
-        ) / whole.prefill_flops(num_tokens, num_visual, k)
+            num_tokens, [num_visual], None
+        ) / whole.prefill_flops(num_tokens, [num_visual], k)
         row["prefill_speedup_ratio"] = row["measured_prefill_speedup"] / row["analytic_prefill_speedup"]
         row["whole_model_prefill_speedup_ratio"] = (
             row["measured_prefill_speedup"] / row["analytic_whole_model_prefill_speedup"]

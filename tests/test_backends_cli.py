@@ -56,6 +56,10 @@ def test_backend_cli_run_with_calibration_and_accounting(backend, tmp_path):
         0 < r["visual_tokens"] < r["prompt_tokens"] and r["kept_tokens"] == r["prompt_tokens"] - r["visual_tokens"]
         for r in records
     )
+    # The whole forward is modelled for LLaVA-1.5 (tested in test_cost) and Qwen2-VL, not for tiles or windows.
+    modelled = backend == "vtw_qwen2_vl"  # vtw_llava runs LLaVA-NeXT here
+    assert all(("prefill_flops_whole_model_vtw" in r) == modelled for r in records)
+    assert ("avg_prefill_flops_whole_model_saved" in results["throughput"]) == modelled
 
 
 def write_video(path, frames: int = 8, size: int = 56) -> str:
@@ -96,3 +100,4 @@ def test_qwen2_vl_backend_reads_a_video_file(tmp_path):
     assert frames.shape == (4, 56, 56, 3)
     inputs = processor(videos=[frames], text=[lm.build_prompt("What colour is it ?", [frames])], return_tensors="pt")
     assert record["visual_tokens"] == int((inputs["input_ids"] == lm.model.config.video_token_id).sum()) == 8
+    assert "prefill_flops_whole_model_vtw" not in record  # a video's frames are not known from its tokens

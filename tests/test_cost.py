@@ -10,7 +10,8 @@ from conftest import NUM_LAYERS
 from test_backend import backend, generation_requests
 from transformers import LlavaConfig, Qwen2Config
 
-from vtw_eval.cost import DecoderGeometry, WholeModel, analytic_prefill_speedup
+from vtw_eval.accounting import image_token_runs
+from vtw_eval.cost import DecoderGeometry, Qwen2VLWholeModel, WholeModel, analytic_prefill_speedup, whole_model_of
 from vtw_eval.engine import cache_in
 
 LLAVA_7B = DecoderGeometry(
@@ -138,8 +139,8 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
     )
     assert record["batch_prefill_seconds"] > 0 and record["batch_decode_steps"] == len(caches) - 1
     whole = WholeModel.from_config(lm.model.config)
-    assert record["prefill_flops_whole_model_baseline"] == whole.prefill_flops(record["prompt_tokens"], 32, None)
-    assert record["prefill_flops_whole_model_vtw"] == whole.prefill_flops(record["prompt_tokens"], 32, layer)
+    assert record["prefill_flops_whole_model_baseline"] == whole.prefill_flops(record["prompt_tokens"], [16, 16], None)
+    assert record["prefill_flops_whole_model_vtw"] == whole.prefill_flops(record["prompt_tokens"], [16, 16], layer)
 
 
 def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
@@ -177,7 +178,7 @@ def test_whole_model_terms_by_hand(tiny_llava_path):
     assert whole.head_flops() == 2 * 64 * whole.vocab_size
     decoder = whole.decoder.prefill_flops(40, 32, 2)
     assert (
-        whole.prefill_flops(40, 32, 2)
+        whole.prefill_flops(40, [16, 16], 2)
         == 2 * whole.image_flops() + whole.projector_flops(32) + whole.head_flops() + decoder
     )
     assert WholeModel.from_config(Qwen2Config()) is None  # not a LLaVA-1.5: not modelled
@@ -199,6 +200,53 @@ def test_whole_model_flops_equal_torchs_flop_counter(tiny_llava_path, withdraw_l
     VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**inputs, use_cache=False, logits_to_keep=1)
-    tokens, visual = inputs["input_ids"].shape[1], int((inputs["input_ids"] == model.config.image_token_id).sum())
+    tokens = inputs["input_ids"].shape[1]
     whole = WholeModel.from_config(model.config)
-    assert counter.get_total_flops() == whole.prefill_flops(tokens, visual, withdraw_layer)
+    images = image_token_runs(inputs["input_ids"], model.config.image_token_id)[0]
+    assert images == [32]  # two adjacent images of 16 tokens: one run; LLaVA counts images by their size
+    assert counter.get_total_flops() == whole.prefill_flops(tokens, images, withdraw_layer)
+
+
+def test_qwen2_vl_whole_model_terms_by_hand(tmp_path):
+    from tiny_models import build_tiny_qwen2_vl
+    from transformers import AutoConfig
+
+    whole = whole_model_of(AutoConfig.from_pretrained(build_tiny_qwen2_vl(tmp_path / "qwen2_vl", "2")))
+    assert isinstance(whole, Qwen2VLWholeModel)
+    # Tiny Qwen2-VL ViT: width 32, MLP 64 (mlp_ratio 2), 1 block, 14 px patches over 2 frames,
+    # 2x2 merge into the decoder's width 64. One image of 4 visual tokens = 16 patches.
+    convolution = 2 * 16 * (3 * 2 * 14 * 14) * 32
+    block = 8 * 16 * 32 * 32 + 4 * 16 * 32 * 64 + 4 * 16 * 16 * 32
+    merger = 2 * 4 * 128 * 128 + 2 * 4 * 128 * 64
+    assert whole.image_flops(4) == convolution + block + merger
+    assert whole.prefill_flops(30, [4, 9], 1) == (
+        whole.image_flops(4) + whole.image_flops(9) + 2 * 64 * whole.vocab_size + whole.decoder.prefill_flops(30, 13, 1)
+    )
+    assert whole_model_of(AutoConfig.from_pretrained(build_tiny_qwen2_vl(tmp_path / "qwen25", "2.5"))) is None
+
+
+@pytest.mark.parametrize("withdraw_layer", [None, 2, 0])
+def test_qwen2_vl_whole_model_flops_equal_torchs_flop_counter(tmp_path, withdraw_layer):
+    """Two images of different sizes (so per-image attention counts), one prefill with
+    logits_to_keep=1, counted by PyTorch."""
+    from conftest import picture
+    from tiny_models import build_tiny_qwen2_vl
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtw_eval.engine import VisualTokenWithdrawal
+
+    path = build_tiny_qwen2_vl(tmp_path / "qwen2_vl", "2")
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(path)
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Is there a red square ?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [picture(0, size=(56, 56)), picture(1, size=(84, 112))]
+    inputs = processor(images=images, text=[text], return_tensors="pt")
+    VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer, decoding_positions="from_attention_mask")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    image_tokens = image_token_runs(inputs["input_ids"], model.config.image_token_id)[0]
+    assert image_tokens == (inputs["image_grid_thw"].prod(-1) // 4).tolist() and len(set(image_tokens)) == 2
+    whole = whole_model_of(model.config)
+    assert counter.get_total_flops() == whole.prefill_flops(inputs["input_ids"].shape[1], image_tokens, withdraw_layer)

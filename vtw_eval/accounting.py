@@ -12,7 +12,7 @@ import torch
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 
-from vtw_eval.cost import DecoderGeometry, WholeModel, request_figures
+from vtw_eval.cost import DecoderGeometry, request_figures, whole_model_of
 from vtw_eval.files import write_atomically
 
 
@@ -59,6 +59,23 @@ class CallTimer:
             handle.remove()
 
 
+def image_token_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[int]]:
+    """Per row, the lengths of its runs of consecutive image tokens: one run per image in Qwen2-VL
+    (its vision start and end tokens separate images); adjacent LLaVA images make one run, which
+    ``cost.WholeModel`` splits by its fixed tokens per image."""
+    runs = []
+    for row in (input_ids == image_token_id).tolist():
+        lengths, current = [], 0
+        for is_image in [*row, False]:
+            if is_image:
+                current += 1
+            elif current:
+                lengths.append(current)
+                current = 0
+        runs.append(lengths)
+    return runs
+
+
 def default_accounting_file(stem: str, rank: int) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     return Path("results/accounting") / f"{stem}_{stamp}_rank{rank}.jsonl"
@@ -69,7 +86,7 @@ class RequestAccounting:
 
     def __init__(self, model: torch.nn.Module, path: Path):
         self.geometry = DecoderGeometry.from_config(model.config)
-        self.whole_model = WholeModel.from_config(model.config)  # None where the tower is not modelled
+        self.whole_model = whole_model_of(model.config)  # None where the tower is not modelled
         self.kv_dtype_bytes = torch.finfo(model.dtype).bits // 8
         self.path = path
         self.records: list[dict] = []
@@ -84,12 +101,16 @@ class RequestAccounting:
         generated_tokens: list[int],
         withdraw_layer: int | None,
         timer: CallTimer,
+        image_tokens: list[list[int]] | None = None,
     ) -> None:
-        """One generated batch: its (task, doc_id) requests, their token counts and its timer."""
+        """One generated batch: its (task, doc_id) requests, their token counts (and each request's
+        visual tokens per image, for the whole-forward figures) and its timer."""
         self.timers.append(timer)
-        for (task, doc_id), n, visual, generated in zip(requests, prompt_tokens, visual_tokens, generated_tokens):
+        image_tokens = image_tokens or [None] * len(requests)
+        rows = zip(requests, prompt_tokens, visual_tokens, generated_tokens, image_tokens)
+        for (task, doc_id), n, visual, generated, images in rows:
             figures = request_figures(
-                self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes, self.whole_model
+                self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes, self.whole_model, images
             )
             self.records.append(
                 {
@@ -116,6 +137,11 @@ class RequestAccounting:
         def mean(key: str) -> float:
             return sum(r[key] for r in records) / len(records)
 
+        whole = [r for r in records if "prefill_flops_whole_model_vtw" in r]  # video requests have none
+
+        def mean_whole(key: str) -> float:
+            return sum(r[key] for r in whole) / len(whole)
+
         total_seconds = sum(t.prefill_seconds + t.decode_seconds for t in timers)
         total_generated = sum(r["generated_tokens"] for r in records)
         decode_steps = sum(t.decode_calls for t in timers)
@@ -135,11 +161,11 @@ class RequestAccounting:
                 "kv_cache_saved": mean("kv_cache_saved"),
                 **(
                     {
-                        "prefill_tflops_whole_model_baseline": mean("prefill_flops_whole_model_baseline") / 1e12,
-                        "prefill_tflops_whole_model_vtw": mean("prefill_flops_whole_model_vtw") / 1e12,
-                        "prefill_flops_whole_model_saved": mean("prefill_flops_whole_model_saved"),
+                        "prefill_tflops_whole_model_baseline": mean_whole("prefill_flops_whole_model_baseline") / 1e12,
+                        "prefill_tflops_whole_model_vtw": mean_whole("prefill_flops_whole_model_vtw") / 1e12,
+                        "prefill_flops_whole_model_saved": mean_whole("prefill_flops_whole_model_saved"),
                     }
-                    if self.whole_model is not None
+                    if whole
                     else {}
                 ),
                 **{f"withdraw_layer/{task}": layer for task, layer in self.task_layers().items()},

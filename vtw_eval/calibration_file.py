@@ -85,7 +85,6 @@ def plot_calibration(record: dict, plot_path: Path) -> Path:
     if "mean_kl" in record:
         axes.plot(layers, record["mean_kl"][:-1], color="black", linewidth=2, label="all samples")
         axes.axvline(record["withdraw_layer"], color="green", linestyle=":", label=f"K = {record['withdraw_layer']}")
-        axes.axhline(record["kl_threshold"], color="red", linestyle="--", label=f"threshold {record['kl_threshold']:g}")
     for task, entry in record.get("per_task", {}).items():
         (line,) = axes.plot(layers, entry["mean_kl"][:-1], linestyle="-.", label=(
             f"{task}: K={entry['withdraw_layer']} (n={entry['num_samples']}, "
@@ -94,6 +93,11 @@ def plot_calibration(record: dict, plot_path: Path) -> Path:
         k = entry["withdraw_layer"]
         if k < record["num_layers"]:
             axes.plot([k], [max(entry["mean_kl"][k], 1e-12)], marker="o", color=line.get_color())
+    thresholds = {
+        entry["kl_threshold"] for entry in [record, *record.get("per_task", {}).values()] if "mean_kl" in entry
+    }
+    for threshold in sorted(thresholds):
+        axes.axhline(threshold, color="red", linestyle="--", linewidth=0.8, label=f"threshold {threshold:g}")
     axes.set_yscale("log")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_xlabel("withdrawal layer k")

@@ -1,5 +1,5 @@
 """What a LLaMA-style decoder costs, with and without visual tokens withdrawn before layer K,
-and what the whole LLaVA-1.5 forward costs around it.
+and what the whole LLaVA-1.5 or Qwen2-VL forward costs around it.
 
 Conventions (papers count three incompatible ways; this is VTW's own, "true FLOPs"):
 - 2 FLOPs per multiply-add, matrix products only (norms, activations and softmax are left out,
@@ -19,6 +19,11 @@ CLIP's class token, go through a two-layer MLP projector): per image the patch c
 (all tower layers run: transformers asks for every hidden state); the projector 2*v*(h*d + d*d)
 for v visual tokens; the LM head 2*d*vocab for the one position generate keeps in prefill
 (``logits_to_keep=1``); the embedding lookup costs none.
+Whole forward (Qwen2-VL: its ViT runs once per image over n = v*s^2 patches, s the spatial merge,
+attention within the image; the merger's MLP maps each s x s group of patches to one visual
+token): per image the patch convolution 2*n*(channels*temporal_patch*patch^2)*e, per block
+8*n*e^2 + 4*n*e*m + 4*n^2*e, the merger 2*(n/s^2)*(s^2*e)^2 + 2*(n/s^2)*(s^2*e)*d; the LM head
+as above. Images only: a video's patch grid (frames) is not known from its token count.
 """
 
 from __future__ import annotations
@@ -133,12 +138,15 @@ def request_figures(
     generated: int,
     withdraw_layer: int | None,
     dtype_bytes: int,
-    whole: "WholeModel | None" = None,
+    whole: "WholeModel | Qwen2VLWholeModel | None" = None,
+    image_tokens: list[int] | None = None,
 ) -> dict:
     """One request's token counts, prefill FLOPs and final KV-cache bytes, baseline and VTW.
 
     ``num_tokens`` is the prompt without padding; the cache ends up holding the prompt and every
-    generated token but the last (which is returned, never fed back).
+    generated token but the last (which is returned, never fed back). With ``whole`` and the
+    visual tokens of each image (``image_tokens``; all of ``num_visual``, no video), also the
+    whole forward's figures.
     """
     k = geometry.num_layers if withdraw_layer is None else withdraw_layer
     cached = num_tokens + max(generated - 1, 0)
@@ -158,14 +166,18 @@ def request_figures(
         "kv_cache_bytes_baseline": baseline_kv,
         "kv_cache_bytes_vtw": vtw_kv,
         "kv_cache_saved": 1 - vtw_kv / baseline_kv,
-        **(whole_model_figures(whole, num_tokens, num_visual, k) if whole is not None else {}),
+        **(
+            whole_model_figures(whole, num_tokens, image_tokens, k)
+            if whole is not None and image_tokens is not None and sum(image_tokens) == num_visual
+            else {}
+        ),
     }
 
 
-def whole_model_figures(whole: "WholeModel", num_tokens: int, num_visual: int, withdraw_layer: int) -> dict:
+def whole_model_figures(whole, num_tokens: int, image_tokens: list[int], withdraw_layer: int) -> dict:
     """The whole prefill forward (tower, projector, decoder, head), baseline and VTW."""
-    baseline = whole.prefill_flops(num_tokens, num_visual, None)
-    vtw = whole.prefill_flops(num_tokens, num_visual, withdraw_layer)
+    baseline = whole.prefill_flops(num_tokens, image_tokens, None)
+    vtw = whole.prefill_flops(num_tokens, image_tokens, withdraw_layer)
     return {
         "prefill_flops_whole_model_baseline": baseline,
         "prefill_flops_whole_model_vtw": vtw,
@@ -228,8 +240,64 @@ class WholeModel:
     def head_flops(self, positions: int = 1) -> int:
         return 2 * positions * self.decoder.hidden_size * self.vocab_size
 
-    def prefill_flops(self, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> int:
-        """The whole prefill forward of a prompt whose ``num_visual`` tokens come from images."""
+    def prefill_flops(self, num_tokens: int, image_tokens: list[int], withdraw_layer: int | None) -> int:
+        """The whole prefill forward of a prompt with images of ``image_tokens`` visual tokens each."""
+        num_visual = sum(image_tokens)
         images = num_visual // (self.patches + self.projected_class_token)
         around = images * self.image_flops() + self.projector_flops(num_visual) + self.head_flops()
         return around + self.decoder.prefill_flops(num_tokens, num_visual, withdraw_layer)
+
+
+@dataclass(frozen=True)
+class Qwen2VLWholeModel:
+    """A Qwen2-VL model around its decoder: the ViT with its patch merger, and the LM head."""
+
+    decoder: DecoderGeometry
+    depth: int
+    embed_dim: int
+    mlp_hidden: int
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    spatial_merge: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config) -> "Qwen2VLWholeModel":
+        vision = config.vision_config
+        return cls(
+            decoder=DecoderGeometry.from_config(config),
+            depth=vision.depth,
+            embed_dim=vision.embed_dim,
+            mlp_hidden=int(vision.embed_dim * vision.mlp_ratio),
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            in_channels=vision.in_channels,
+            spatial_merge=vision.spatial_merge_size,
+            vocab_size=config.get_text_config().vocab_size,
+        )
+
+    def image_flops(self, visual_tokens: int) -> int:
+        """One image of ``visual_tokens`` tokens: patch convolution, every block, the merger."""
+        e, m, group = self.embed_dim, self.mlp_hidden, self.spatial_merge**2
+        n = visual_tokens * group
+        convolution = 2 * n * self.in_channels * self.temporal_patch_size * self.patch_size**2 * e
+        block = 8 * n * e * e + 4 * n * e * m + 4 * n * n * e
+        merger = 2 * visual_tokens * (group * e) ** 2 + 2 * visual_tokens * group * e * self.decoder.hidden_size
+        return convolution + self.depth * block + merger
+
+    def head_flops(self, positions: int = 1) -> int:
+        return 2 * positions * self.decoder.hidden_size * self.vocab_size
+
+    def prefill_flops(self, num_tokens: int, image_tokens: list[int], withdraw_layer: int | None) -> int:
+        """The whole prefill forward of a prompt with images of ``image_tokens`` visual tokens each."""
+        around = sum(self.image_flops(v) for v in image_tokens) + self.head_flops()
+        return around + self.decoder.prefill_flops(num_tokens, sum(image_tokens), withdraw_layer)
+
+
+def whole_model_of(config) -> WholeModel | Qwen2VLWholeModel | None:
+    """The whole-forward cost model of a config: LLaVA-1.5 (CLIP/SigLIP) or Qwen2-VL; None for the
+    others (LLaVA-NeXT's and OneVision's tiles, Qwen2.5-VL's windowed attention are not modelled)."""
+    if getattr(config, "model_type", None) == "qwen2_vl":
+        return Qwen2VLWholeModel.from_config(config)
+    return WholeModel.from_config(config)

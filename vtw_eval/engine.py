@@ -90,7 +90,8 @@ def plan_withdrawal(
 
 
 def visual_token_ids_of(config) -> list[int]:
-    """Token ids whose positions hold visual embeddings (image, and video where the model has one)."""
+    """Token ids whose positions hold visual embeddings: the image token's first, then the video token's
+    where the model has one."""
     ids = []
     for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
         value = getattr(config, name, None)

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, StoppingCriteria, StoppingCriteriaList
 
-from vtw_eval.accounting import CallTimer, RequestAccounting, default_accounting_file
+from vtw_eval.accounting import CallTimer, RequestAccounting, default_accounting_file, image_token_runs
 from vtw_eval.backends import arguments
 from vtw_eval.calibration import (
     DEFAULT_KL_THRESHOLD,
@@ -530,7 +530,7 @@ class VTWBackend(lmms):
         # Per request: its own prompt tokens (no padding), visual tokens and generated tokens.
         accounting.add_batch(
             doc_ids, self._prompt_lengths(inputs), self._visual_counts(inputs), generated,
-            self.withdrawal.withdraw_layer, timer,
+            self.withdrawal.withdraw_layer, timer, image_token_runs(input_ids, self.withdrawal.visual_token_ids[0]),
         )  # fmt: skip
         return [text.strip() for text in texts]
 
