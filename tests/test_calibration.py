@@ -74,6 +74,9 @@ def test_the_answer_is_the_unmodified_models_greedy_answer(tiny_llava_path, proc
         expected = naive_greedy_answer(model, single, 5, processor.tokenizer.eos_token_id)
         answer = extended["input_ids"][index, batch["input_ids"].shape[1] :].tolist()
         assert answer[: len(expected)] == expected
+        with torch.no_grad():  # and transformers' own greedy generate, on the unhooked model
+            generated = model.generate(**single, max_new_tokens=5, do_sample=False, pad_token_id=2, eos_token_id=2)
+        assert generated[0, single["input_ids"].shape[1] :].tolist()[: len(expected)] == expected
         ended = expected[-1] == processor.tokenizer.eos_token_id  # the EOS position itself predicts nothing
         assert counted[index].sum() == 1 + len(expected) - ended
 

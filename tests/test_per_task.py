@@ -109,12 +109,12 @@ def test_without_calibrate_per_task_auto_uses_a_tasks_entry_else_the_global_k(ti
             "vtw_llava", f"{common},withdraw_layer=auto", "vtw_tiny_mme", tmp_path / "refused", include_path=task_dir
         )
     assert "holds per-task entries only, no global K" in (tmp_path / "refused" / "lmms_eval.log").read_text()
-    run_lmms_eval(  # the global K from the calibration group, written beside the per-task entry
-        "vtw_llava", f"{common},withdraw_layer=none", "vtw_calibration_tiny", tmp_path / "global",
+    run_lmms_eval(  # the global K from the calibration group (criterion kl_tokens=3), beside the per-task entry
+        "vtw_llava", f"{common},withdraw_layer=none,kl_tokens=3", "vtw_calibration_tiny", tmp_path / "global",
         "--batch_size", "4", include_path=task_dir,
     )  # fmt: skip
     file = json.loads(next(calibration_dir.glob("*.json")).read_text())
-    assert "vtw_tiny_mme_blind" in file["per_task"] and file["kl_tokens"] == 1
+    assert "vtw_tiny_mme_blind" in file["per_task"] and file["kl_tokens"] == 3
     out = tmp_path / "mixed"
     run_lmms_eval(
         "vtw_llava",
@@ -123,6 +123,10 @@ def test_without_calibrate_per_task_auto_uses_a_tasks_entry_else_the_global_k(ti
     )  # fmt: skip
     layers = {json.loads(line)["task"]: json.loads(line)["withdraw_layer"] for line in open(out / "requests.jsonl")}
     assert layers == {"vtw_tiny_mme": file["withdraw_layer"], "vtw_tiny_mme_blind": 0}
+    assert (
+        "the global K was calibrated with kl_tokens=3, this run asks for kl_tokens=1"
+        in (out / "lmms_eval.log").read_text()
+    )
 
 
 def test_calibrate_per_task_needs_auto(tiny_llava_path):

@@ -147,6 +147,7 @@ class VisualTokenWithdrawal:
         self._prefill = False  # whether the current call is the batch's prefill
         self._reduced_2d_mask: torch.Tensor | None = None  # for the current call, over the reduced cache
         self._layer_masks: dict[str, torch.Tensor | None] = {}  # built once per call and mask kind
+        self._kept_rotary: tuple | None = None  # (decoder's cos, kept cos, kept sin, kept position ids)
         self._handles = [model.register_forward_pre_hook(self._before_model_call, with_kwargs=True)]
         for index, layer in enumerate(self.language_model.layers):
             hook = self._make_layer_hook(index)
@@ -185,7 +186,7 @@ class VisualTokenWithdrawal:
     # -- the model-level hook: plan at prefill, extend the mask at decoding steps ---------------
 
     def _before_model_call(self, module, args, kwargs):
-        self._layer_masks = {}
+        self._layer_masks, self._kept_rotary = {}, None
         if not self.active:
             self.plan = None
             return None
@@ -240,15 +241,25 @@ class VisualTokenWithdrawal:
         if self._prefill:
             if layer_index == self._withdraw_layer:
                 hidden = self.plan.gather(hidden)
-            cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (self.plan.gather(cos), self.plan.gather(sin))
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = self.plan.gather(kwargs["position_ids"][..., None])[..., 0]
+            cos, sin, position_ids = self._kept_positions(kwargs["position_embeddings"], kwargs.get("position_ids"))
+            kwargs["position_embeddings"] = (cos, sin)
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
         kwargs["attention_mask"] = self._mask_for(layer_index, hidden, cache_in(kwargs))
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _kept_positions(self, position_embeddings: tuple, position_ids: torch.Tensor | None) -> tuple:
+        """The kept positions' rotary embeddings and position ids, gathered once per call: the
+        decoder gives every layer the same tensors (small gathers per layer cost more than the
+        layer itself when few tokens are kept and the kernels are launch-bound)."""
+        cos, sin = position_embeddings
+        if self._kept_rotary is None or self._kept_rotary[0] is not cos:
+            kept_ids = None if position_ids is None else self.plan.gather(position_ids[..., None])[..., 0]
+            self._kept_rotary = (cos, self.plan.gather(cos), self.plan.gather(sin), kept_ids)
+        return self._kept_rotary[1:]
 
     def _mask_for(self, layer_index: int, hidden: torch.Tensor, cache) -> torch.Tensor | None:
         """The attention mask of a withdrawn layer, built once per call and mask kind."""
