@@ -33,7 +33,9 @@ def task_dir(tmp_path_factory):
     return directory
 
 
-def run(tiny_llava_path, out, task_dir, extra: str = "", tasks: str = "vtw_tiny_mme,vtw_tiny_mme_blind"):
+def run(
+    tiny_llava_path, out, task_dir, extra: str = "", tasks: str = "vtw_tiny_mme,vtw_tiny_mme_blind,vtw_tiny_mme_choice"
+):
     model_args = (
         f"pretrained={tiny_llava_path},device=cpu,withdraw_layer=auto,calibrate_per_task=8,"
         f"calibration_dir={out.parent}/calibration,accounting_file={out}/requests.jsonl{extra}"
@@ -54,7 +56,7 @@ def answers(out, task):
 def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_path, task_dir):
     results, calibration, records, log = run(tiny_llava_path, tmp_path / "first", task_dir)
     entries = calibration["per_task"]
-    assert sorted(entries) == ["vtw_tiny_mme", "vtw_tiny_mme_blind"]
+    assert sorted(entries) == ["vtw_tiny_mme", "vtw_tiny_mme_blind", "vtw_tiny_mme_choice"]  # choice: loglikelihood
     for task, entry in entries.items():
         assert (entry["num_samples"], entry["kl_tokens"], entry["kl_threshold"]) == (8, 1, 0.003)
         assert len(entry["mean_kl"]) == NUM_LAYERS + 1
@@ -66,12 +68,13 @@ def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_pa
     # Every request was answered at its task's K: accounting, results JSON.
     for record in records:
         assert record["withdraw_layer"] == entries[record["task"]]["withdraw_layer"], record
-    assert {r["task"] for r in records} == set(entries) and len(records) == 32
+    assert {r["task"] for r in records} == {"vtw_tiny_mme", "vtw_tiny_mme_blind"} and len(records) == 32
     throughput = results["throughput"]
     assert throughput["avg_withdraw_layer/vtw_tiny_mme"] == k_mme
     assert throughput["avg_withdraw_layer/vtw_tiny_mme_blind"] == 0
     assert 0 < throughput["avg_calibration_share_of_prefill"]
     assert "VTW calibration of vtw_tiny_mme:" in log and "VTW calibration of vtw_tiny_mme_blind:" in log
+    assert f"task vtw_tiny_mme_choice at K={entries['vtw_tiny_mme_choice']['withdraw_layer']} (its own" in log
 
     # The answers at the task's own K are those of a plain run at that K.
     plain = tmp_path / "plain"
@@ -88,13 +91,13 @@ def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_pa
     assert [r["withdraw_layer"] for r in records_again] == [r["withdraw_layer"] for r in records]
 
     # Another threshold, then another criterion: recalibrated, each entry replaced.
-    _, changed, _, log = run(tiny_llava_path, tmp_path / "threshold", task_dir, ",kl_threshold=0.0005")
+    _, changed, _, log = run(tiny_llava_path, tmp_path / "threshold", task_dir, ",kl_threshold=0.0005", "vtw_tiny_mme")
     assert "VTW calibration of vtw_tiny_mme:" in log
     assert changed["per_task"]["vtw_tiny_mme"]["kl_threshold"] == 0.0005
     torch.testing.assert_close(
         torch.tensor(changed["per_task"]["vtw_tiny_mme"]["mean_kl"]), torch.tensor(entries["vtw_tiny_mme"]["mean_kl"])
     )  # the same prompts and criterion: the same curve, chosen at another threshold
-    _, changed, _, log = run(tiny_llava_path, tmp_path / "criterion", task_dir, ",kl_tokens=3")
+    _, changed, _, log = run(tiny_llava_path, tmp_path / "criterion", task_dir, ",kl_tokens=3", "vtw_tiny_mme")
     assert "VTW calibration of vtw_tiny_mme:" in log
     assert changed["per_task"]["vtw_tiny_mme"]["kl_tokens"] == 3
     assert changed["per_task"]["vtw_tiny_mme"]["mean_kl"] != entries["vtw_tiny_mme"]["mean_kl"]

@@ -284,9 +284,9 @@ class VTWBackend(lmms):
         threshold and ``kl_tokens`` are this run's; else, with ``calibrate_per_task``, a calibration on
         the task's own prompts now; else the global K. Every process decides the same (rank 0 reads
         the file; calibration KL is gathered over ranks)."""
+        if not self.auto:  # no collective: lmms-eval's response cache may call one rank and not another
+            return {args[4]: self.default_withdraw_layer for args in requests_args}, 0
         tasks = sorted(set().union(*self._from_every_rank({args[4] for args in requests_args})))
-        if not self.auto:
-            return dict.fromkeys(tasks, self.default_withdraw_layer), 0
         entries = self._from_rank_zero(self._matching_task_entries(tasks) if self._rank == 0 else None)
         layers, flops = {}, 0
         for task in tasks:
