@@ -141,3 +141,23 @@ def test_calibrate_per_task_needs_auto(tiny_llava_path):
         VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer=2, kl_tokens="0", device="cpu")
     with pytest.raises(ValueError, match=r"calibrate_per_task=-1 is not accepted; use an integer >= 0"):
         VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", calibrate_per_task=-1, device="cpu")
+
+
+def test_a_calibration_file_of_another_model_is_replaced_by_per_task_entries(tiny_llava_path, tmp_path):
+    from test_backend import docs, generation_requests
+
+    from vtw_eval.backends.llava import VTWLlava
+
+    path = tmp_path / "tiny.json"
+    stale = {"format": 3, "model": "other", "config_hash": "0000", "weights_fingerprint": "0000", "num_layers": 4}
+    path.write_text(json.dumps(stale))
+    lm = VTWLlava(
+        pretrained=str(tiny_llava_path), withdraw_layer="auto", calibrate_per_task=3, calibration=str(path),
+        device="cpu", accounting_file=str(tmp_path / "a.jsonl"),
+    )  # fmt: skip
+    lm.task_dict = {"tiny": {"test": docs()}}
+    assert lm.default_withdraw_layer is None  # no global K: every task gets its own
+    lm.generate_until(generation_requests())
+    written = json.loads(path.read_text())
+    assert written["config_hash"] == lm.identity["config_hash"] and written["model"] == str(tiny_llava_path)
+    assert list(written["per_task"]) == ["tiny"] and written["per_task"]["tiny"]["num_samples"] == 3
