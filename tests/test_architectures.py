@@ -162,3 +162,26 @@ def test_one_pass_calibration_equals_reference(tiny):
         log_p = torch.log_softmax(logits[0, -1], -1)
         expected = float((log_p.exp() * (log_p - log_p_full)).sum().detach())
         assert kl[layer].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_kl_over_the_greedy_answer_equals_reference(tiny):
+    """kl_tokens=3 on every architecture: the answer appended to the multimodal inputs (Qwen's
+    rotary positions follow it), the KL per position against a naive withdrawn forward."""
+    from vtw_eval.calibration import layer_kl_divergences, with_greedy_answer
+
+    _, path, processor = tiny
+    model = load(path)
+    inputs = encode(processor, [(QUESTION, 1)])
+    extended, counted = with_greedy_answer(withdrawal(model, None), inputs, 3, eos_token_id=-1)  # no EOS: all count
+    assert counted.shape == (1, 3) and counted.all()
+    with torch.no_grad():  # the unmodified model's own greedy answer
+        answer = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=3)
+    assert torch.equal(extended["input_ids"], answer)
+    kl = layer_kl_divergences(withdrawal(model, None), extended, counted)[0]
+    with torch.no_grad():
+        log_p_full = torch.log_softmax(model(**extended).logits[0, -3:], -1)
+    for layer in range(NUM_LAYERS):
+        logits, _ = reference_vtw_logits(model, extended, layer)
+        log_p = torch.log_softmax(logits[0, -3:], -1)
+        expected = float((log_p.exp() * (log_p - log_p_full)).sum(-1).mean())
+        assert kl[layer].item() == pytest.approx(expected, abs=1e-5)
