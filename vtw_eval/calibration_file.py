@@ -136,7 +136,9 @@ def write_calibration(record: dict, path: str | Path) -> tuple[Path, Path]:
     return _update(Path(path), record, lambda old: {**record, "per_task": old.get("per_task", {})})
 
 
-def write_task_calibration(path: str | Path, identity: dict, num_layers: int, task: str, entry: dict):
+def write_task_calibration(
+    path: str | Path, identity: dict, num_layers: int, task: str, entry: dict
+) -> tuple[Path, Path]:
     """One task's entry (``calibration.task_entry``) into ``path``'s ``per_task``, keeping the rest."""
 
     def change(old: dict) -> dict:
