@@ -284,3 +284,19 @@ def test_calibration_writers_hold_a_lock(tmp_path):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a second writer would wait here
     with open(tmp_path / ".tiny.json.lock") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+
+
+def test_rows_whose_answer_ends_early_count_only_their_answer(tiny_llava_path, processor):
+    """In a batch, a row whose greedy answer reaches EOS stops counting after it, the others go on
+    (the EOS is chosen as row 0's second answer token, so that row ends there)."""
+    model = load_model(tiny_llava_path)
+    rows = [("Is there a red square ?", 2), ("What colour ?", 1)]
+    first = naive_greedy_answer(model, encode(processor, [rows[0]]), 2, eos_token_id=-1)
+    eos = first[1]
+    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=None)
+    _, counted = with_greedy_answer(withdrawal, encode(processor, rows), 6, eos)
+    # Row 0: the last prompt position and the one after its first token; the EOS predicts nothing.
+    assert counted[0].tolist() == [True, True, False, False, False, False][: counted.shape[1]]
+    expected = naive_greedy_answer(model, encode(processor, [rows[1]], seed=1), 5, eos)
+    ended = expected[-1] == eos
+    assert counted[1].sum() == 1 + len(expected) - ended
