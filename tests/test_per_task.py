@@ -161,3 +161,22 @@ def test_a_calibration_file_of_another_model_is_replaced_by_per_task_entries(tin
     written = json.loads(path.read_text())
     assert written["config_hash"] == lm.identity["config_hash"] and written["model"] == str(tiny_llava_path)
     assert list(written["per_task"]) == ["tiny"] and written["per_task"]["tiny"]["num_samples"] == 3
+
+
+def test_a_failing_calibration_prompt_names_the_task_and_doc(tiny_llava_path, tmp_path):
+    from test_backend import docs, request
+
+    from vtw_eval.backends.llava import VTWLlava
+
+    def broken_visual(doc):
+        raise OSError("cannot identify image file")
+
+    lm = VTWLlava(
+        pretrained=str(tiny_llava_path), withdraw_layer="auto", calibrate_per_task=2, device="cpu",
+        calibration_dir=str(tmp_path), accounting_file=str(tmp_path / "a.jsonl"),
+    )  # fmt: skip
+    lm.task_dict = {"tiny": {"test": docs()}}
+    requests = [request("generate_until", ("Is it red ?", {"max_new_tokens": 2}, broken_visual, 0, "tiny", "test"))]
+    with pytest.raises(RuntimeError, match=r"VTW calibration of task tiny failed for doc_ids \[0\]: cannot identify"):
+        lm.generate_until(requests)
+    assert not list(tmp_path.glob("*.json"))  # nothing half-written

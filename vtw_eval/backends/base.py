@@ -333,9 +333,13 @@ class VTWBackend(lmms):
         progress = tqdm(total=len(mine), disable=self.rank != 0, desc=f"VTW calibrating {task}")
         for start in range(0, len(mine), self.batch_size):
             chunk = mine[start : start + self.batch_size]
-            inputs = self._batch_inputs(chunk)
-            extended, counted = with_greedy_answer(self.withdrawal, inputs, self.kl_tokens, self.eot_token_id)
-            kl = layer_kl_divergences(self.withdrawal, extended, counted)
+            try:
+                inputs = self._batch_inputs(chunk)
+                extended, counted = with_greedy_answer(self.withdrawal, inputs, self.kl_tokens, self.eot_token_id)
+                kl = layer_kl_divergences(self.withdrawal, extended, counted)
+            except Exception as error:
+                doc_ids = [args[3] for args in chunk]
+                raise RuntimeError(f"VTW calibration of task {task} failed for doc_ids {doc_ids}: {error}") from error
             rows += [(args[3], row.tolist()) for args, row in zip(chunk, kl)]
             for length, num_visual in zip(self._prompt_lengths(inputs), self._visual_counts(inputs)):
                 flops += geometry.calibration_flops(length, num_visual, counted.shape[1] - 1)
