@@ -137,6 +137,11 @@ def layer_kl_divergences(
     return kl
 
 
+def spread_evenly(count: int, wanted: int) -> range:
+    """Indices of ``wanted`` items spread evenly over ``count`` (all of them when fewer)."""
+    return range(0, count, max(count // wanted, 1))[:wanted]
+
+
 def choose_withdraw_layer(mean_kl: list[float], threshold: float) -> tuple[int, bool]:
     """The first layer whose mean KL is at most ``threshold``; whether a layer before L met it."""
     num_layers = len(mean_kl) - 1

@@ -148,6 +148,14 @@ def write_task_calibration(
     return _update(Path(path), identity, change)
 
 
+def matching_task_entry(record: dict | None, task: str, kl_threshold: float, kl_tokens: int) -> dict | None:
+    """``task``'s per-task entry in ``record`` if it was measured with this threshold and criterion."""
+    entry = (record or {}).get("per_task", {}).get(task)
+    if entry is None or entry["kl_threshold"] != kl_threshold or entry.get("kl_tokens", 1) != kl_tokens:
+        return None
+    return entry
+
+
 def _check_curve(entry: dict, num_layers: int, where: str) -> None:
     """Raise ValueError naming the field (``where`` + name) that is missing, mistyped or out of range."""
 

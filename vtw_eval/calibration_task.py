@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from vtw_eval.calibration import summarise
+from vtw_eval.calibration import spread_evenly, summarise
 from vtw_eval.calibration_file import write_calibration
 
 IDENTITY_KEYS = ("model", "config_hash", "weights_fingerprint", "dtype", "kl_threshold", "kl_tokens")
@@ -29,9 +29,7 @@ def calibration_docs_wanted() -> int:
 
 def spread_docs(dataset):
     """A deterministic subset spread over the dataset: VTW_CALIBRATION_DOCS docs (default 20)."""
-    wanted = calibration_docs_wanted()
-    step = max(len(dataset) // wanted, 1)
-    return dataset.select(range(0, len(dataset), step)[:wanted])
+    return dataset.select(spread_evenly(len(dataset), calibration_docs_wanted()))
 
 
 def gqa_docs(dataset):

@@ -29,12 +29,14 @@ from vtw_eval.calibration import (
     DEFAULT_KL_THRESHOLD,
     choose_withdraw_layer,
     layer_kl_divergences,
+    spread_evenly,
     task_entry,
     with_greedy_answer,
 )
 from vtw_eval.calibration_file import (
     calibration_file_stem,
     load_calibration,
+    matching_task_entry,
     model_identity,
     write_task_calibration,
 )
@@ -287,7 +289,11 @@ class VTWBackend(lmms):
         if not self.auto:  # no collective: lmms-eval's response cache may call one rank and not another
             return {args[4]: self.default_withdraw_layer for args in requests_args}, 0
         tasks = sorted(set().union(*self._from_every_rank({args[4] for args in requests_args})))
-        entries = self._from_rank_zero(self._matching_task_entries(tasks) if self._rank == 0 else None)
+        entries = None
+        if self._rank == 0:
+            record = self._calibration_record(need_global=False)
+            entries = {task: matching_task_entry(record, task, self.kl_threshold, self.kl_tokens) for task in tasks}
+        entries = self._from_rank_zero(entries)
         layers, flops = {}, 0
         for task in tasks:
             entry = entries[task]
@@ -305,24 +311,11 @@ class VTWBackend(lmms):
                 )
         return layers, flops
 
-    def _matching_task_entries(self, tasks: list[str]) -> dict[str, dict | None]:
-        record = self._calibration_record(need_global=False) or {}
-        per_task = record.get("per_task", {})
-        return {
-            task: per_task[task]
-            if task in per_task
-            and per_task[task]["kl_threshold"] == self.kl_threshold
-            and per_task[task].get("kl_tokens", 1) == self.kl_tokens
-            else None
-            for task in tasks
-        }
-
     def _calibrate_task(self, task: str, requests_args: list) -> tuple[dict, int]:
         """Per-layer KL on ``calibrate_per_task`` of the task's prompts (spread evenly over its docs on
         all ranks; answers never read), its K written into the calibration file; and its FLOPs."""
         all_docs = sorted(set().union(*self._from_every_rank({args[3] for args in requests_args})))
-        step = max(len(all_docs) // self.calibrate_per_task, 1)
-        chosen = set(all_docs[::step][: self.calibrate_per_task])
+        chosen = {all_docs[index] for index in spread_evenly(len(all_docs), self.calibrate_per_task)}
         by_doc = {}  # one request per doc (a multiple-choice doc has one per choice, same prompt)
         for args in requests_args:
             if args[3] in chosen:
