@@ -56,6 +56,15 @@ def overall_saved(accounting_file: Path) -> float:
     return sum(r["prefill_flops_saved"] for r in records) / len(records)
 
 
+def calibration_share(results: dict, accounting_file: Path) -> float:
+    """The calibration's decoder FLOPs (every task's ``calibration_tflops/<task>``) over the run's
+    decoder prefill FLOPs (the accounting records')."""
+    throughput = results.get("throughput") or {}
+    calibration = sum(v for k, v in throughput.items() if k.startswith("avg_calibration_tflops/")) * 1e12
+    records = [json.loads(line) for line in accounting_file.read_text().splitlines()]
+    return calibration / sum(r["prefill_flops_vtw"] for r in records)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO_ROOT / "testbed" / "model"))
@@ -112,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         record["tasks"][task] = entry
     means = ["mean over requests", "", ""]
     for kl_tokens in runs:
-        share = runs[kl_tokens][0].data["throughput"].get("avg_calibration_share_of_prefill", 0.0)
-        fraction = overall_saved(out / f"kl_tokens{kl_tokens}" / "requests.jsonl")
+        accounting = out / f"kl_tokens{kl_tokens}" / "requests.jsonl"
+        share = calibration_share(runs[kl_tokens][0].data, accounting)
+        fraction = overall_saved(accounting)
         record[f"kl_tokens={kl_tokens}"] = {"prefill_saved": fraction, "calibration_share_of_prefill": share}
         means += ["", f"calibration {share:.1%} of prefill", f"{fraction:.1%}"]
     record["global"] = {"prefill_saved": overall_saved(global_accounting)}

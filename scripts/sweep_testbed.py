@@ -11,9 +11,7 @@ import json
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoConfig
 
-from vtw_eval.calibration_file import calibration_file_stem, config_hash
 from vtw_eval.diff import load_run
 from vtw_eval.files import write_atomically
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
@@ -30,8 +28,8 @@ def main() -> None:
     parser.add_argument("--hf-home", default=str(REPO_ROOT / "results" / "hf_home"), help="the testbed's cache")
     args = parser.parse_args()
     env = hub_environment(args.hf_home)  # written by `make testbed-cache`
-    stem = calibration_file_stem(args.model, config_hash(AutoConfig.from_pretrained(args.model)))
-    calibration = json.loads((Path(args.calibration_dir) / f"{stem}.json").read_text())
+    (calibration_file,) = Path(args.calibration_dir).glob("*.json")  # the demo calibrates one model there
+    calibration = json.loads(calibration_file.read_text())
     num_layers = calibration["num_layers"]
     out = Path(args.out)
 

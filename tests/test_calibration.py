@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -12,8 +13,20 @@ from reference import reference_vtw_logits
 from transformers import LlavaForConditionalGeneration
 
 from vtw_eval.backends.llava import VTWLlava
-from vtw_eval.calibration import choose_withdraw_layer, layer_kl_divergences, summarise, with_greedy_answer
-from vtw_eval.calibration_file import config_hash, load_calibration, model_identity, write_calibration
+from vtw_eval.calibration import (
+    choose_withdraw_layer,
+    layer_kl_divergences,
+    summarise,
+    task_entry,
+    with_greedy_answer,
+)
+from vtw_eval.calibration_file import (
+    config_hash,
+    load_calibration,
+    model_identity,
+    write_calibration,
+    write_task_calibration,
+)
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 
@@ -133,16 +146,22 @@ def test_summary_weights_subsets_by_size_and_says_when_no_layer_met_it():
     assert "No layer before 2 met" in record["message"]
 
 
+def global_record(identity: dict, mean_kl: list[float], threshold: float = 0.003) -> dict:
+    """A calibration group's record of ``mean_kl``, from two samples."""
+    return summarise(
+        {"s": {"num_samples": 2, "mean_kl": mean_kl}}, {**identity, "kl_threshold": threshold, "kl_tokens": 1}
+    )
+
+
 def test_calibration_file_round_trip_and_errors(tmp_path, tiny_llava_path):
     model = load_model(tiny_llava_path)
     identity = model_identity(model, "tiny")
-    record = summarise(
-        {"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}}, {**identity, "kl_threshold": 0.003}
+    json_path, plot_path = write_calibration(
+        global_record(identity, [0.1, 0.001, 0.0, 0.0, 0.0]), tmp_path / "tiny.json"
     )
-    json_path, plot_path = write_calibration(record, tmp_path / "tiny.json")
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     how = "lmms-eval --model vtw_llava ..."
-    assert load_calibration(json_path, identity, NUM_LAYERS, how)["withdraw_layer"] == 1
+    assert load_calibration(json_path, identity, NUM_LAYERS, how)[0]["withdraw_layer"] == 1
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["tiny.json", "tiny.png"]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary left
 
@@ -159,39 +178,73 @@ def test_calibration_file_round_trip_and_errors(tmp_path, tiny_llava_path):
         load_calibration(json_path, {**identity, "config_hash": "0000"}, NUM_LAYERS, how)
 
 
+DELETE = object()
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("mean_kl", [0.1, 0.0], r"field 'mean_kl' must hold 5 finite numbers"),
-        ("mean_kl", [0.1, "x", 0.0, 0.0, 0.0], r"field 'mean_kl' must hold 5"),
-        ("num_layers", 6, r"field 'num_layers' is 6, the model has 4 decoder layers"),
-        ("withdraw_layer", True, r"field 'withdraw_layer' is True, not a int"),
-        ("withdraw_layer", 9, r"field 'withdraw_layer' is 9, not in 0..4"),
-        ("format", 1, r"format 1, this version reads formats \(2, 3\)"),
+        ("mean_kl", [0.1, 0.0], r"field 'mean_kl' is \[0.1, 0.0\], not a list of 5 finite numbers"),
+        ("mean_kl", [0.1, "x", 0.0, 0.0, 0.0], r"field 'mean_kl' is .*, not a list of 5"),
+        ("num_layers", 6, r"field 'num_layers' is 6, not 4, the model's decoder layers"),
+        ("withdraw_layer", True, r"field 'withdraw_layer' is True, not an integer in 0..4"),
+        ("withdraw_layer", 9, r"field 'withdraw_layer' is 9, not an integer in 0..4"),
+        # an edited K: the file's own curve and threshold give 1
+        ("withdraw_layer", 0, r"field 'withdraw_layer' is 0 \(threshold_met True\), but its own mean_kl at "
+         r"kl_threshold 0.003 gives K=1 \(threshold_met True\)"),
+        ("threshold_met", False, r"field 'withdraw_layer' is 1 \(threshold_met False\), but its own mean_kl"),
+        ("format", 3, r"format 3; this version reads format 4 \(earlier formats identified a model by a sample"),
         ("kl_tokens", 0, r"field 'kl_tokens' is 0, not a positive integer"),
+        ("dtype", DELETE, r"field 'dtype' is missing"),
+        ("num_samples", DELETE, r"field 'num_samples' is missing"),
+        ("per_subset", {"s": {"num_samples": 2}}, r"field 'per_subset.s.mean_kl' is missing"),
         ("per_task", [], r"field 'per_task' is \[\], not an object"),
-        (
-            "per_task",
-            {"mme": {"withdraw_layer": 2, "kl_threshold": 0.003, "mean_kl": [0.1]}},
-            r"field 'per_task.mme.mean_kl' must hold 5 finite numbers",
-        ),
-        (
-            "per_task",
-            {"mme": {"withdraw_layer": 2, "mean_kl": [0.1, 0.0, 0.0, 0.0, 0.0]}},
-            r"field 'per_task.mme.kl_threshold' is missing",
-        ),
     ],
-)
+)  # fmt: skip
 def test_calibration_file_fields_are_checked(tmp_path, tiny_llava_path, field, value, message):
     identity = model_identity(load_model(tiny_llava_path), "tiny")
-    record = summarise(
-        {"s": {"num_samples": 2, "mean_kl": [0.1, 0.001, 0.0, 0.0, 0.0]}}, {**identity, "kl_threshold": 0.003}
-    )
-    json_path, _ = write_calibration(record, tmp_path / "tiny.json")
+    json_path, _ = write_calibration(global_record(identity, [0.1, 0.001, 0.0, 0.0, 0.0]), tmp_path / "tiny.json")
     on_disk = json.loads(json_path.read_text())
-    json_path.write_text(json.dumps({**on_disk, field: value}))
-    with pytest.raises(ValueError, match=rf"{json_path.name} is unreadable \({message}"):
+    if value is DELETE:
+        del on_disk[field]
+    else:
+        on_disk[field] = value
+    json_path.write_text(json.dumps(on_disk))
+    with pytest.raises(ValueError, match=rf"{json_path.name} (is unreadable \(|was ){message}"):
         load_calibration(json_path, identity, NUM_LAYERS, "how")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mean_kl": [0.1]}, r"field 'per_task.mme.mean_kl' is \[0.1\], not a list of 5 finite numbers"),
+        ({"kl_threshold": DELETE}, r"field 'per_task.mme.kl_threshold' is missing"),
+        ({"kl_tokens": DELETE}, r"field 'per_task.mme.kl_tokens' is missing"),
+        ({"num_samples": DELETE}, r"field 'per_task.mme.num_samples' is missing"),
+        ({"task_docs": DELETE}, r"field 'per_task.mme.task_docs' is missing"),
+        ({"withdraw_layer": 9}, r"field 'per_task.mme.withdraw_layer' is 9, not an integer in 0..4"),
+        ({"withdraw_layer": 0}, r"field 'per_task.mme.withdraw_layer' is 0 \(threshold_met True\), but its own"),
+    ],
+)
+def test_per_task_entries_are_checked_one_by_one(tmp_path, tiny_llava_path, change, message):
+    """A bad entry is reported as that task's problem; the file's other parts stay usable."""
+    identity = model_identity(load_model(tiny_llava_path), "tiny")
+    kl = torch.tensor([[0.1, 0.01, 0.002, 0.0, 0.0]])
+    good = task_entry(kl, 0.003, 1, task_docs=16, limited=False)
+    json_path = tmp_path / "tiny.json"
+    write_task_calibration(json_path, identity, NUM_LAYERS, "mme", good)
+    write_task_calibration(json_path, identity, NUM_LAYERS, "gqa", good)
+    write_calibration(global_record(identity, [0.1, 0.001, 0.0, 0.0, 0.0]), json_path)
+    on_disk = json.loads(json_path.read_text())
+    bad = {**good, **change}
+    on_disk["per_task"]["mme"] = {key: value for key, value in bad.items() if value is not DELETE}
+    json_path.write_text(json.dumps(on_disk))
+    record, problems = load_calibration(json_path, identity, NUM_LAYERS, "how")
+    assert list(problems) == ["mme"] and re.search(message, problems["mme"]), problems
+    assert list(record["per_task"]) == ["gqa"] and record["withdraw_layer"] == 1
+    # The next write drops the bad entry (replaced by nothing until the task is calibrated again).
+    write_task_calibration(json_path, identity, NUM_LAYERS, "pope", good)
+    assert sorted(json.loads(json_path.read_text())["per_task"]) == ["gqa", "pope"]
 
 
 def test_identity_ignores_dtype_and_path(tiny_llava_path, tmp_path):
@@ -202,9 +255,11 @@ def test_identity_ignores_dtype_and_path(tiny_llava_path, tmp_path):
     there = model_identity(LlavaForConditionalGeneration.from_pretrained(moved, dtype=torch.bfloat16), "elsewhere")
     assert here["config_hash"] == there["config_hash"] and here["weights_fingerprint"] == there["weights_fingerprint"]
     assert (here["dtype"], there["dtype"]) == ("float32", "bfloat16")
+    # One interior weight (not among a tensor's first or last values) changed: another model.
     changed = load_model(tiny_llava_path)
+    weight = changed.get_output_embeddings().weight
     with torch.no_grad():
-        next(changed.parameters()).view(-1)[0] += 1.0
+        weight.view(-1)[weight.numel() // 2] += 0.5
     assert model_identity(changed, "x")["weights_fingerprint"] != here["weights_fingerprint"]
 
 
@@ -263,9 +318,7 @@ def test_auto_without_a_calibration_file_is_refused(tiny_llava_path, tmp_path):
 
 def test_a_threshold_given_with_auto_rechooses_k_from_the_curve_in_the_file(tmp_path, tiny_llava_path):
     identity = model_identity(load_model(tiny_llava_path), str(tiny_llava_path))
-    mean_kl = [0.5, 0.02, 0.002, 0.0005, 0.0]
-    record = summarise({"s": {"num_samples": 2, "mean_kl": mean_kl}}, {**identity, "kl_threshold": 0.003})
-    json_path, _ = write_calibration(record, tmp_path / "tiny.json")
+    json_path, _ = write_calibration(global_record(identity, [0.5, 0.02, 0.002, 0.0005, 0.0]), tmp_path / "tiny.json")
     for threshold, expected in [(None, 2), (0.003, 2), (0.001, 3), (0.05, 1), (0.0, 4)]:
         extra = {} if threshold is None else {"kl_threshold": threshold}
         lm = VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", calibration=str(json_path),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import NUM_LAYERS
 
+from vtw_eval import diff
 from vtw_eval.calibration import choose_withdraw_layer
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 
@@ -72,7 +73,19 @@ def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_pa
     throughput = results["throughput"]
     assert throughput["avg_withdraw_layer/vtw_tiny_mme"] == k_mme
     assert throughput["avg_withdraw_layer/vtw_tiny_mme_blind"] == 0
-    assert 0 < throughput["avg_calibration_share_of_prefill"]
+    # Every task calibrated, generation and loglikelihood alike, carries its K and calibration cost.
+    k_choice = entries["vtw_tiny_mme_choice"]["withdraw_layer"]
+    assert throughput["avg_withdraw_layer/vtw_tiny_mme_choice"] == k_choice
+    for task in entries:
+        assert 0 < throughput[f"avg_calibration_share_of_prefill/{task}"]
+        assert throughput[f"avg_calibration_tflops/{task}"] > 0
+    # vtw-diff shows them (its efficiency rows), the loglikelihood task's among them.
+    results_path = next((tmp_path / "first").glob("*/*_results.json"))
+    figures = {row["figure"]: row for row in diff.efficiency_rows([diff.load_run(results_path, "a")])}
+    assert figures["withdraw_layer/vtw_tiny_mme_choice"]["a"] == k_choice
+    assert figures["calibration_tflops (all tasks)"]["a"] == pytest.approx(
+        sum(throughput[f"avg_calibration_tflops/{task}"] for task in entries)
+    )
     assert "VTW calibration of vtw_tiny_mme:" in log and "VTW calibration of vtw_tiny_mme_blind:" in log
     assert f"task vtw_tiny_mme_choice at K={entries['vtw_tiny_mme_choice']['withdraw_layer']} (its own" in log
 
@@ -143,24 +156,22 @@ def test_calibrate_per_task_needs_auto(tiny_llava_path):
         VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", calibrate_per_task=-1, device="cpu")
 
 
-def test_a_calibration_file_of_another_model_is_replaced_by_per_task_entries(tiny_llava_path, tmp_path):
-    from test_backend import docs, generation_requests
-
+def test_a_calibration_file_of_another_model_is_never_written_over(tiny_llava_path, tmp_path):
     from vtw_eval.backends.llava import VTWLlava
 
     path = tmp_path / "tiny.json"
-    stale = {"format": 3, "model": "other", "config_hash": "0000", "weights_fingerprint": "0000", "num_layers": 4}
-    path.write_text(json.dumps(stale))
-    lm = VTWLlava(
-        pretrained=str(tiny_llava_path), withdraw_layer="auto", calibrate_per_task=3, calibration=str(path),
-        device="cpu", accounting_file=str(tmp_path / "a.jsonl"),
-    )  # fmt: skip
-    lm.task_dict = {"tiny": {"test": docs()}}
-    assert lm.default_withdraw_layer is None  # no global K: every task gets its own
-    lm.generate_until(generation_requests())
-    written = json.loads(path.read_text())
-    assert written["config_hash"] == lm.identity["config_hash"] and written["model"] == str(tiny_llava_path)
-    assert list(written["per_task"]) == ["tiny"] and written["per_task"]["tiny"]["num_samples"] == 3
+    for other in (
+        {"format": 4, "model": "other", "config_hash": "0000", "weights_fingerprint": "0000", "dtype": "float32"},
+        {"format": 3, "model": "older", "config_hash": "0000", "weights_fingerprint": "0000", "num_layers": 4},
+    ):
+        path.write_text(json.dumps({**other, "num_layers": 4}))
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=rf"calibration file {path} was .*: it is not written over"):
+            VTWLlava(
+                pretrained=str(tiny_llava_path), withdraw_layer="auto", calibrate_per_task=3, calibration=str(path),
+                device="cpu", accounting_file=str(tmp_path / "a.jsonl"),
+            )  # fmt: skip
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json"]
 
 
 def test_a_failing_calibration_prompt_names_the_task_and_doc(tiny_llava_path, tmp_path):

@@ -91,7 +91,7 @@ class RequestAccounting:
         self.path = path
         self.records: list[dict] = []
         self.timers: list[CallTimer] = []
-        self.calibration_flops = 0  # decoder FLOPs spent choosing per-task K before answering
+        self.calibration_flops: dict[str, int] = {}  # per task: decoder FLOPs spent choosing its K now
 
     def add_batch(
         self,
@@ -127,6 +127,12 @@ class RequestAccounting:
     def task_layers(self) -> dict[str, int]:
         """The K each task's requests were answered at (one per task: batches never mix tasks)."""
         return {record["task"]: record["withdraw_layer"] for record in self.records}
+
+    def prefill_flops_by_task(self) -> dict[str, int]:
+        flops: dict[str, int] = {}
+        for record in self.records:
+            flops[record["task"]] = flops.get(record["task"], 0) + record["prefill_flops_vtw"]
+        return flops
 
     def report(self) -> None:
         """Averages into lmms-eval's results (``throughput``); every request into a JSON Lines file."""
@@ -168,16 +174,7 @@ class RequestAccounting:
                     if whole
                     else {}
                 ),
-                **{f"withdraw_layer/{task}": layer for task, layer in self.task_layers().items()},
-                **(
-                    {
-                        "calibration_tflops": self.calibration_flops / 1e12,
-                        "calibration_share_of_prefill": self.calibration_flops
-                        / sum(r["prefill_flops_vtw"] for r in records),
-                    }
-                    if self.calibration_flops
-                    else {}
-                ),
+                **task_figures(self.task_layers(), self.calibration_flops, self.prefill_flops_by_task()),
                 "prefill_seconds_per_batch": sum(t.prefill_seconds for t in timers) / len(timers),
                 "decode_seconds_per_step": sum(t.decode_seconds for t in timers) / decode_steps
                 if decode_steps
@@ -187,3 +184,28 @@ class RequestAccounting:
         lines = "".join(json.dumps(record) + "\n" for record in records)
         write_atomically(self.path, lines.encode())
         logger.info(f"VTW per-request figures: {self.path}")
+
+
+def task_figures(layers: dict[str, int], calibration_flops: dict[str, int], prefill_flops: dict[str, int]) -> dict:
+    """Per task: its K; for a task calibrated in this run, the calibration's decoder FLOPs and
+    their share of the task's prefill FLOPs. lmms-eval averages each key over the calls that log
+    it, and a task is answered in one call, so each key holds that task's own figure."""
+    figures = {f"withdraw_layer/{task}": layer for task, layer in layers.items()}
+    for task, flops in calibration_flops.items():
+        figures[f"calibration_tflops/{task}"] = flops / 1e12
+        if prefill_flops.get(task):
+            figures[f"calibration_share_of_prefill/{task}"] = flops / prefill_flops[task]
+    return figures
+
+
+def report_loglikelihood(
+    layers: dict[str, int], calibration_flops: dict[str, int], prefill_flops: dict[str, int]
+) -> None:
+    """A loglikelihood call's per-task figures into lmms-eval's ``throughput``, like a generation
+    call's. Zero generated tokens and seconds, so that lmms-eval's own totals stay the generation's."""
+    log_metrics(
+        total_elapsed_time=0.0,
+        total_gen_tokens=0,
+        avg_speed=0.0,
+        additional_metrics=task_figures(layers, calibration_flops, prefill_flops),
+    )

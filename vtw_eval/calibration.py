@@ -151,8 +151,9 @@ def choose_withdraw_layer(mean_kl: list[float], threshold: float) -> tuple[int, 
     return num_layers, False
 
 
-def task_entry(kl_rows: torch.Tensor, kl_threshold: float, kl_tokens: int) -> dict:
-    """One task's calibration entry from its samples' per-layer KL (samples, L + 1)."""
+def task_entry(kl_rows: torch.Tensor, kl_threshold: float, kl_tokens: int, task_docs: int, limited: bool) -> dict:
+    """One task's calibration entry from its samples' per-layer KL (samples, L + 1), saying how it
+    was made: the task's doc count and whether the run saw only part of them (``--limit``)."""
     mean_kl = kl_rows.to(torch.float64).mean(0).tolist()
     layer, met = choose_withdraw_layer(mean_kl, kl_threshold)
     return {
@@ -161,6 +162,8 @@ def task_entry(kl_rows: torch.Tensor, kl_threshold: float, kl_tokens: int) -> di
         "kl_threshold": kl_threshold,
         "kl_tokens": kl_tokens,
         "num_samples": kl_rows.shape[0],
+        "task_docs": task_docs,
+        "limited": limited,
         "mean_kl": mean_kl,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -25,6 +25,9 @@ from tabulate import tabulate
 from vtw_eval.run import newest_results_file
 
 FORMATS = ("table", "markdown", "csv", "json")
+# A label names columns and keys of its own ("<label> delta", ...): it must not be one of the table's.
+RESERVED_LABELS = ("task", "metric", "higher_is_better", "hib", "present_in", "figure", "delta", "rel", "stderr")
+LABEL_SUFFIXES = (" stderr", " delta", " rel")
 # What the vtw backends log per run (``throughput`` section, as ``avg_<key>``); see README.
 EFFICIENCY_KEYS = (
     "withdraw_layer",
@@ -146,7 +149,19 @@ def efficiency_rows(runs: list[Run]) -> list[dict]:
         values = [_number((run.data.get("throughput") or {}).get(f"avg_{key}")) for run in runs]
         if any(v is not None for v in values):
             rows.append({"figure": key, **{run.label: v for run, v in zip(runs, values)}})
+    totals = [_calibration_total(run) for run in runs]  # each task's calibration is its own key
+    if any(v is not None for v in totals):
+        rows.append({"figure": "calibration_tflops (all tasks)", **{run.label: v for run, v in zip(runs, totals)}})
     return rows
+
+
+def _calibration_total(run: Run) -> float | None:
+    values = [
+        _number(value)
+        for key, value in (run.data.get("throughput") or {}).items()
+        if key.startswith("avg_calibration_tflops/")
+    ]
+    return sum(v for v in values if v is not None) if values else None
 
 
 def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:
@@ -213,10 +228,28 @@ def _answer(response) -> str:
     return response if isinstance(response, str) else json.dumps(response)
 
 
+def not_gated(rows: list[dict]) -> list[str]:
+    """Metrics whose direction is unknown (no ``higher_is_better`` in any run's results): a gate
+    cannot tell a drop from a gain there, so they are listed, never silently passed."""
+    return [f"{row['task']} {row['metric']}" for row in rows if row["higher_is_better"] is None]
+
+
+def check_labels(runs: list[Run]) -> None:
+    """A ValueError when a label would overwrite one of the table's own fields or columns."""
+    for run in runs:
+        if run.label in RESERVED_LABELS or run.label.endswith(LABEL_SUFFIXES):
+            raise ValueError(
+                f"label {run.label!r} is not accepted: labels name columns, and it collides with the table's own "
+                f"({', '.join(RESERVED_LABELS)}, or a name ending in{', '.join(LABEL_SUFFIXES)}); "
+                "choose other --labels"
+            )
+
+
 def drops(rows: list[dict], runs: list[Run], threshold: float) -> list[str]:
     """What fails a regression gate: every metric worse than the baseline by more than
     ``threshold`` (in metric units), and every metric the baseline has a number for that a
-    candidate lacks or reports as N/A or NaN (a gate must not pass on missing results)."""
+    candidate lacks or reports as N/A or NaN (a gate must not pass on missing results).
+    Metrics of unknown direction are ``not_gated``."""
     found = []
     for row in rows:
         if row[runs[0].label] is None:
@@ -296,6 +329,9 @@ def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: l
     missing = [f"{row['task']} {row['metric']}" for row in rows if row["present_in"] < len(runs)]
     if missing:
         parts.append("Only in some runs: " + ", ".join(missing))
+    unknown = not_gated(rows)
+    if unknown:
+        parts.append("Direction unknown (?), so not gated by --fail-on-drop: " + ", ".join(unknown))
     for change in changes or []:
         lines = [
             f"{change['task']}: {change['changed']} of {change['compared']} answers changed ({change['candidate']})"
@@ -335,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             if run.label in seen:
                 run.label = f"{run.label} #{index + 1}"
             seen.add(run.label)
+        check_labels(runs)
         rows = metric_rows(runs)
         changes = sample_changes(runs) if args.samples else None
     except ValueError as error:
@@ -347,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         found = drops(rows, runs, args.fail_on_drop)
         for line in found:
             print(f"DROP {line}", file=sys.stderr)
+        for line in not_gated(rows):
+            print(f"NOT GATED {line}: its direction is unknown (no higher_is_better in the results)", file=sys.stderr)
         return 1 if found else 0
     return 0
 

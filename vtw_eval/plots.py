@@ -13,11 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from vtw_eval.files import write_atomically  # noqa: E402
 
 
-def save_png(figure: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Write ``figure`` to ``path`` as a PNG (never half-written) and close it."""
+def png_bytes(figure: plt.Figure, dpi: int = 100) -> bytes:
+    """``figure`` as PNG bytes; the figure is closed."""
     png = io.BytesIO()
     figure.tight_layout()
     figure.savefig(png, format="png", dpi=dpi)
     plt.close(figure)
-    write_atomically(Path(path), png.getvalue())
+    return png.getvalue()
+
+
+def save_png(figure: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``figure`` to ``path`` as a PNG (never half-written) and close it."""
+    write_atomically(Path(path), png_bytes(figure, dpi))
     return Path(path)

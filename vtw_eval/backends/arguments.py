@@ -4,9 +4,37 @@ checked one by one: each refusal names the argument, what was given and what is 
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
+
+from lmms_eval.utils import _smart_comma_split
+
+
+def parse_model_args(arg_string: str) -> dict[str, Any]:
+    """``--model_args`` as lmms-eval splits it, but a key given twice is refused, and only ASCII
+    numbers become numbers (lmms-eval's parser turns '٣' into 3 and fails on '²' with int()'s
+    message; here they stay strings, which the argument checks then refuse by name)."""
+    model_args: dict[str, Any] = {}
+    for item in _smart_comma_split(arg_string.strip()) if arg_string.strip() else []:
+        if "=" not in item:
+            raise ValueError(f"--model_args item {item!r} is not accepted; use key=value pairs separated by commas")
+        key, value = item.split("=", 1)
+        if key in model_args:
+            raise ValueError(f"{key} is given twice in --model_args ({model_args[key]!r} and {value!r}); give it once")
+        model_args[key] = _value(value)
+    return model_args
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if not text.isascii():
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _integer_text(value: Any) -> str:
@@ -16,11 +44,15 @@ def _integer_text(value: Any) -> str:
     return str(value).strip()
 
 
+def _is_integer_text(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit() alone takes '٣' and '²'
+
+
 def integer(name: str, value: Any, minimum: int = 1) -> int:
     """An integer >= ``minimum`` (1 unless said otherwise)."""
     if not isinstance(value, bool):
         text = _integer_text(value)
-        if text.isdigit() and int(text) >= minimum:
+        if _is_integer_text(text) and int(text) >= minimum:
             return int(text)
     accepted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     raise ValueError(f"{name}={value!r} is not accepted; use {accepted}")
@@ -28,7 +60,7 @@ def integer(name: str, value: Any, minimum: int = 1) -> int:
 
 def non_negative_float(name: str, value: Any) -> float:
     try:
-        number = float(value)
+        number = float(value) if str(value).isascii() else float("nan")
     except (TypeError, ValueError):
         number = float("nan")
     if isinstance(value, bool) or not math.isfinite(number) or number < 0:
@@ -42,24 +74,20 @@ def one_of(name: str, value: Any, accepted: tuple[str, ...]) -> str:
     return value
 
 
+def non_empty(name: str, value: Any, accepted: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}={value!r} is not accepted; use {accepted}")
+    return value
+
+
 def withdraw_layer(value: Any, num_layers: int) -> int | None | str:
     """``withdraw_layer`` as given on the command line: an integer 0..L, none, or auto."""
     accepted = f"an integer from 0 to {num_layers} (the decoder's layer count), 'none' or 'auto'"
-    text = "" if value is None else _integer_text(value).lower()
-    if text == "auto":
-        return "auto"
-    if text in ("none", ""):
+    if value is None:  # not given
         return None
-    if isinstance(value, bool) or not text.isdigit() or not 0 <= int(text) <= num_layers:
+    text = _integer_text(value).lower()
+    if text in ("auto", "none"):
+        return text if text == "auto" else None
+    if isinstance(value, bool) or not _is_integer_text(text) or not 0 <= int(text) <= num_layers:
         raise ValueError(f"withdraw_layer={value!r} is not accepted; use {accepted}")
     return int(text)
-
-
-def writable_dir(directory: Path, argument: str) -> None:
-    """Fail before the evaluation, not after it, when a file could not be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{argument}: cannot create directory {directory} ({error})") from None
-    if not os.access(directory, os.W_OK):
-        raise ValueError(f"{argument}: directory {directory} is not writable")

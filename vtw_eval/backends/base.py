@@ -23,7 +23,13 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, StoppingCriteria, StoppingCriteriaList
 
-from vtw_eval.accounting import CallTimer, RequestAccounting, default_accounting_file, image_token_runs
+from vtw_eval.accounting import (
+    CallTimer,
+    RequestAccounting,
+    default_accounting_file,
+    image_token_runs,
+    report_loglikelihood,
+)
 from vtw_eval.backends import arguments
 from vtw_eval.calibration import (
     DEFAULT_KL_THRESHOLD,
@@ -35,13 +41,16 @@ from vtw_eval.calibration import (
 )
 from vtw_eval.calibration_file import (
     calibration_file_stem,
+    check_calibration_writable,
     load_calibration,
     matching_task_entry,
     model_identity,
+    stale_reason,
     write_task_calibration,
 )
 from vtw_eval.cost import DecoderGeometry
 from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.files import check_writable
 from vtw_eval.registry import BACKENDS
 from vtw_eval.tasks import TASKS_DIR
 
@@ -111,6 +120,9 @@ class VTWBackend(lmms):
         super().__init__()
         if kwargs:
             raise ValueError(f"Unknown model_args for {type(self).__name__}: {sorted(kwargs)}")
+        arguments.non_empty("pretrained", pretrained, "a hub id (org/name) or a local checkpoint directory")
+        if device is not None:
+            arguments.non_empty("device", device, "cpu, cuda or cuda:N (or leave it out: accelerate's device)")
         self.batch_size_per_gpu = arguments.integer("batch_size", batch_size)
         self.threshold_given = kl_threshold is not None
         self.kl_threshold = arguments.non_negative_float(
@@ -118,6 +130,7 @@ class VTWBackend(lmms):
         )
         self.calibrate_per_task = arguments.integer("calibrate_per_task", calibrate_per_task, minimum=0)
         self.kl_tokens = arguments.integer("kl_tokens", kl_tokens)
+        self.kl_tokens_given = kl_tokens != 1
         self.chat_template, self.use_cache, self.pretrained = chat_template, use_cache, pretrained
         self._set_up_processes(device, device_map)
         self._load(
@@ -130,12 +143,14 @@ class VTWBackend(lmms):
         )
         self.withdrawal = VisualTokenWithdrawal(self._model, None, self.decoding_positions)
         self.identity = model_identity(self._model, pretrained)
-        stem = calibration_file_stem(pretrained, self.identity["config_hash"])
+        stem = calibration_file_stem(pretrained, self.identity)
         self.calibration_file = Path(calibration or Path(calibration_dir) / f"{stem}.json").resolve()
         # The K of every request, unless withdraw_layer=auto finds a task's own K in the calibration file.
         self.default_withdraw_layer = self._resolve_withdraw_layer(withdraw_layer)
         self.withdrawal.withdraw_layer = self.default_withdraw_layer
         self.accounting_file = self._accounting_path(accounting_file, stem)
+        if self.calibrate_per_task and self._rank == 0:  # found now, not after every calibration prompt
+            check_calibration_writable(self.calibration_file, self.identity, self.withdrawal.num_layers)
         logger.info(
             f"{type(self).__name__}: {pretrained} on {self._device} (rank {self._rank} of {self._world_size}), "
             f"{self.withdrawal.num_layers} decoder layers, withdraw_layer={self.withdrawal.withdraw_layer}"
@@ -144,8 +159,9 @@ class VTWBackend(lmms):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VTWBackend":
         """As lmms-eval's, except that an argument given in ``--model_args`` wins over lmms-eval's
-        own value of it (``batch_size``, ``device``) instead of failing with "multiple values"."""
-        model_args = utils.simple_parse_args_string(arg_string)
+        own value of it (``batch_size``, ``device``) instead of failing with "multiple values", a
+        repeated key is refused, and only ASCII numbers are numbers (``arguments.parse_model_args``)."""
+        model_args = arguments.parse_model_args(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in model_args}
         return cls(**model_args, **extra)
 
@@ -217,6 +233,16 @@ class VTWBackend(lmms):
         when ``calibrate_per_task`` is on and the file has none: every task gets its own)."""
         layer = arguments.withdraw_layer(value, self.withdrawal.num_layers)
         self.auto = layer == "auto"
+        given = [
+            f"{name}"
+            for name, flag in (("kl_threshold", self.threshold_given), ("kl_tokens", self.kl_tokens_given))
+            if flag
+        ]
+        if isinstance(layer, int) and given:
+            raise ValueError(
+                f"{' and '.join(given)} with withdraw_layer={layer} would change nothing: they choose K with "
+                "withdraw_layer=auto, and measure it in the vtw_calibration task (run with withdraw_layer=none)"
+            )
         if self.calibrate_per_task and not self.auto:
             raise ValueError(
                 f"calibrate_per_task={self.calibrate_per_task} chooses each task's K, so it needs "
@@ -224,7 +250,7 @@ class VTWBackend(lmms):
             )
         if not self.auto:
             return layer
-        record = self._calibration_record(need_global=not self.calibrate_per_task)
+        record, _ = self._calibration_record(need_global=not self.calibrate_per_task)
         if response_cache_requested():
             raise ValueError(
                 "withdraw_layer=auto cannot be combined with lmms-eval's --use_cache: the response cache "
@@ -262,10 +288,11 @@ class VTWBackend(lmms):
             logger.info(f"withdraw_layer=auto: K={layer} from {self.calibration_file}")
         return layer
 
-    def _calibration_record(self, need_global: bool) -> dict | None:
-        """This model's calibration record; None where per-task calibration can start without one."""
+    def _calibration_record(self, need_global: bool) -> tuple[dict | None, dict[str, str]]:
+        """This model's calibration record (its valid parts) and what is wrong with its invalid
+        per-task entries; no record where per-task calibration can start without one."""
         if not need_global and not self.calibration_file.is_file():
-            return None
+            return None, {}
         try:
             return load_calibration(
                 self.calibration_file, self.identity, self.withdrawal.num_layers, self.calibration_command(),
@@ -274,32 +301,50 @@ class VTWBackend(lmms):
         except ValueError as error:
             if need_global:
                 raise
-            logger.warning(f"{error}\ncalibrate_per_task={self.calibrate_per_task} will write a new file there")
-            return None
+            # The writer drops what is invalid; a file of another model was refused at load.
+            logger.warning(f"{error}\ncalibrate_per_task={self.calibrate_per_task} recalibrates every task")
+            return None, {}
+
+    def per_task_command(self, task: str) -> str:
+        """The command that (re)calibrates ``task``'s own K, ready to paste."""
+        model = next(name for name, path in BACKENDS.items() if path.endswith(f".{type(self).__name__}"))
+        return (
+            f"lmms-eval --model {model} --model_args pretrained={self.pretrained},withdraw_layer=auto,"
+            f"calibrate_per_task={self.calibrate_per_task or 20},kl_tokens={self.kl_tokens},"
+            f"calibration={self.calibration_file} --tasks {task}"
+        )
 
     # -- per-task K ------------------------------------------------------------------------
 
-    def _task_withdraw_layers(self, requests_args: list) -> tuple[dict[str, int | None], int]:
-        """The K each task of these requests is answered at, and the decoder FLOPs spent choosing.
+    def _task_withdraw_layers(self, requests_args: list) -> tuple[dict[str, int | None], dict[str, int]]:
+        """The K each task of these requests is answered at, and the decoder FLOPs spent choosing
+        each task's K (only for tasks calibrated now).
 
         Without ``auto``, the given K. With ``auto``: the task's entry in the calibration file when its
-        threshold and ``kl_tokens`` are this run's; else, with ``calibrate_per_task``, a calibration on
-        the task's own prompts now; else the global K. Every process decides the same (rank 0 reads
-        the file; calibration KL is gathered over ranks)."""
+        threshold and ``kl_tokens`` are this run's and it was made on enough of the task's docs; else,
+        with ``calibrate_per_task``, a calibration on the task's own prompts now; else the global K.
+        Every process decides the same (rank 0 reads the file; calibration KL is gathered over ranks)."""
         if not self.auto:  # no collective: lmms-eval's response cache may call one rank and not another
-            return {args[4]: self.default_withdraw_layer for args in requests_args}, 0
-        tasks = sorted(set().union(*self._from_every_rank({args[4] for args in requests_args})))
-        entries = None
-        if self._rank == 0:
-            record = self._calibration_record(need_global=False)
-            entries = {task: matching_task_entry(record, task, self.kl_threshold, self.kl_tokens) for task in tasks}
-        entries = self._from_rank_zero(entries)
-        layers, flops = {}, 0
+            return {args[4]: self.default_withdraw_layer for args in requests_args}, {}
+        # Per task: the docs this run asks about (over all ranks), and how many the task has, whatever
+        # --limit took from them.
+        here: dict[str, tuple[set, int]] = {}
+        for args in requests_args:
+            task, doc_id, split = args[4], args[3], args[5]
+            here.setdefault(task, (set(), len(self.task_dict[task][split])))[0].add(doc_id)
+        docs_in_run, task_docs = {}, {}
+        for rank_tasks in self._from_every_rank(here):
+            for task, (docs, count) in rank_tasks.items():
+                docs_in_run.setdefault(task, set()).update(docs)
+                task_docs[task] = count
+        tasks = sorted(docs_in_run)
+        entries = self._from_rank_zero(self._usable_task_entries(tasks, task_docs) if self._rank == 0 else None)
+        layers, flops = {}, {}
         for task in tasks:
             entry = entries[task]
             if entry is None and self.calibrate_per_task:
-                entry, task_flops = self._calibrate_task(task, [args for args in requests_args if args[4] == task])
-                flops += task_flops
+                mine = [args for args in requests_args if args[4] == task]
+                entry, flops[task] = self._calibrate_task(task, mine, sorted(docs_in_run[task]), task_docs[task])
             if entry is None:
                 layers[task] = self.default_withdraw_layer
                 logger.info(f"withdraw_layer=auto: task {task} at the global K={layers[task]} (no entry of its own)")
@@ -311,10 +356,46 @@ class VTWBackend(lmms):
                 )
         return layers, flops
 
-    def _calibrate_task(self, task: str, requests_args: list) -> tuple[dict, int]:
-        """Per-layer KL on ``calibrate_per_task`` of the task's prompts (spread evenly over its docs on
-        all ranks; answers never read), its K written into the calibration file; and its FLOPs."""
-        all_docs = sorted(set().union(*self._from_every_rank({args[3] for args in requests_args})))
+    def _usable_task_entries(self, tasks: list[str], task_docs: dict[str, int]) -> dict[str, dict | None]:
+        """Per task, the calibration file's entry this run may use (None: calibrate it, or use the
+        global K). An invalid entry is refused without ``calibrate_per_task`` (with it, replaced); a
+        stale one is recalibrated with it, used with a warning without it."""
+        record, problems = self._calibration_record(need_global=False)
+        usable = {}
+        for task in tasks:
+            if task in problems:
+                if not self.calibrate_per_task:
+                    raise ValueError(
+                        f"withdraw_layer=auto: calibration file {self.calibration_file}: the entry of task {task} is "
+                        f"invalid ({problems[task]}); recalibrate it with:\n  {self.per_task_command(task)}"
+                    )
+                logger.warning(
+                    f"calibration file {self.calibration_file}: task {task}'s entry is invalid, recalibrating"
+                )
+            entry = matching_task_entry(record, task, self.kl_threshold, self.kl_tokens)
+            if self.calibrate_per_task > task_docs[task]:
+                logger.warning(
+                    f"calibrate_per_task={self.calibrate_per_task}: task {task} has {task_docs[task]} docs; "
+                    f"its K is calibrated on all {task_docs[task]}"
+                )
+            reason = entry and stale_reason(entry, task_docs[task], self.calibrate_per_task)
+            if reason and self.calibrate_per_task:
+                logger.warning(
+                    f"calibration file {self.calibration_file}: task {task}'s entry is not reused ({reason})"
+                )
+                entry = None
+            elif reason:
+                logger.warning(
+                    f"withdraw_layer=auto: task {task}'s entry in {self.calibration_file} is used, but {reason}; "
+                    f"recalibrate it with:\n  {self.per_task_command(task)}"
+                )
+            usable[task] = entry
+        return usable
+
+    def _calibrate_task(self, task: str, requests_args: list, all_docs: list, task_docs: int) -> tuple[dict, int]:
+        """Per-layer KL on ``calibrate_per_task`` of the task's prompts (spread evenly over the docs of
+        the run, ``all_docs``, on all ranks; answers never read), its K written into the calibration
+        file; and its FLOPs."""
         chosen = {all_docs[index] for index in spread_evenly(len(all_docs), self.calibrate_per_task)}
         by_doc = {}  # one request per doc (a multiple-choice doc has one per choice, same prompt)
         for args in requests_args:
@@ -339,7 +420,8 @@ class VTWBackend(lmms):
             progress.update(len(chunk))
         progress.close()
         rows = sorted(row for rank_rows in self._from_every_rank(rows) for row in rank_rows)
-        entry = task_entry(torch.tensor([kl for _, kl in rows]), self.kl_threshold, self.kl_tokens)
+        limited = len(all_docs) < task_docs  # --limit: this run sees part of the task
+        entry = task_entry(torch.tensor([kl for _, kl in rows]), self.kl_threshold, self.kl_tokens, task_docs, limited)
         if self._rank == 0:
             json_path, plot_path = write_task_calibration(
                 self.calibration_file, self.identity, self.withdrawal.num_layers, task, entry
@@ -366,7 +448,7 @@ class VTWBackend(lmms):
         path = Path(accounting_file or default_accounting_file(stem, self._rank)).resolve()
         if self._world_size > 1 and accounting_file:  # one file per process
             path = path.with_suffix(f".rank{self._rank}{path.suffix}")
-        arguments.writable_dir(path.parent, "accounting_file")
+        check_writable(path, "accounting_file")
         return path
 
     # lmms-eval reads these
@@ -458,6 +540,8 @@ class VTWBackend(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         accounting = RequestAccounting(self._model, self.accounting_file)
         answered = [request.args for request in requests if not request.args[1].get("vtw_calibration")]
+        if len(answered) < len(requests) and self._rank == 0:  # the calibration group writes the file
+            check_calibration_writable(self.calibration_file, self.identity, self.withdrawal.num_layers)
         layers, accounting.calibration_flops = self._task_withdraw_layers(answered)
         # Longest prompts first so a batch pads little; grouped by task (each has its K) and
         # generation arguments.
@@ -533,7 +617,6 @@ class VTWBackend(lmms):
 
     def _calibration_answers(self, inputs: dict[str, torch.Tensor], tasks: list[str]) -> list[str]:
         """A vtw_calibration request's answer: this prompt's KL per candidate layer, as JSON."""
-        arguments.writable_dir(self.calibration_file.parent, "calibration_dir")
         extended, counted = with_greedy_answer(self.withdrawal, inputs, self.kl_tokens, self.eot_token_id)
         kl = layer_kl_divergences(self.withdrawal, extended, counted)
         sample = {
@@ -549,8 +632,7 @@ class VTWBackend(lmms):
         """Per request: the sum of the continuation's token log-probabilities, and whether greedy
         decoding gives it. Batched like ``generate_until``; each prompt is encoded once."""
         layers, calibration_flops = self._task_withdraw_layers([request.args for request in requests])
-        if calibration_flops:
-            logger.info(f"VTW per-task calibration for loglikelihood requests: {calibration_flops / 1e12:.3g} TFLOPs")
+        prefill_flops: dict[str, int] = {}  # per task, at its K: the calibration's share is of these
         collator = utils.Collator(
             [request.args for request in requests],
             lambda args: (-len(args[0] + str(args[1])), args[0]),
@@ -562,16 +644,20 @@ class VTWBackend(lmms):
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             self.withdrawal.withdraw_layer = layers.get(chunk[0][4], self.default_withdraw_layer)
             try:
-                results += self._loglikelihood_batch(chunk)
+                results += self._loglikelihood_batch(chunk, prefill_flops)
             except Exception as error:
                 doc_ids = [(args[4], args[3]) for args in chunk]
                 raise RuntimeError(f"VTW loglikelihood failed for (task, doc_id) {doc_ids}: {error}") from error
             progress.update(len(chunk))
         progress.close()
         self.withdrawal.withdraw_layer = self.default_withdraw_layer
+        num_layers = self.withdrawal.num_layers
+        report_loglikelihood(
+            {task: num_layers if k is None else k for task, k in layers.items()}, calibration_flops, prefill_flops
+        )
         return collator.get_original(results)
 
-    def _loglikelihood_batch(self, chunk) -> list[tuple[float, bool]]:
+    def _loglikelihood_batch(self, chunk, prefill_flops: dict[str, int]) -> list[tuple[float, bool]]:
         visuals, texts, lengths = [], [], []
         for args in chunk:
             context, continuation = args[0], args[1]
@@ -589,6 +675,10 @@ class VTWBackend(lmms):
             lengths.append(whole - prompt_only)
         inputs = self._encode(texts, visuals)
         logits = self._model(**inputs, use_cache=False).logits
+        geometry = DecoderGeometry.from_config(self._model.config)
+        for args, length, num_visual in zip(chunk, self._prompt_lengths(inputs), self._visual_counts(inputs)):
+            flops = geometry.prefill_flops(length, num_visual, self.withdrawal.withdraw_layer)
+            prefill_flops[args[4]] = prefill_flops.get(args[4], 0) + flops
         results = []
         for row, n in enumerate(lengths):
             # Left padding puts every continuation at the right end, where the logits are whether
