@@ -1,17 +1,27 @@
 # Quick start: `make demo` (main job on the embedded default) and `make test`.
+# Another interpreter (3.11, 3.12 or 3.13): `make install PYTHON=python3.12` (a path works too);
+# `VENV=.venv-3.12` keeps it beside the default one.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+INSTALLED := $(VENV)/.installed-$(PYTHON_VERSION)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock check-latest testbed-cache demo test
+# The suite's smoke subset, for the interpreters CI does not run the whole suite on: engine
+# exactness, one lmms-eval CLI run, vtw-diff on real runs.
+SMOKE_TESTS := tests/test_engine.py tests/test_cli.py tests/test_diff.py
 
-# Exactly the lock, nothing resolved: a fresh venv, every locked package without its dependencies,
-# then the project itself (no build isolation: the locked setuptools builds it), then pip's check
-# that the set is consistent.
-$(VENV)/.installed: requirements.lock pyproject.toml
+.PHONY: install lock check-latest testbed-cache demo test smoke
+
+# Exactly the lock, nothing resolved: a fresh venv (whenever the lock, pyproject.toml or the
+# interpreter's version changes), every locked package without its dependencies, then the project
+# itself (no build isolation: the locked setuptools builds it), then pip's check that the set is
+# consistent.
+$(INSTALLED): requirements.lock pyproject.toml
+	@test -n "$(PYTHON_VERSION)" || { echo "PYTHON=$(PYTHON): no such interpreter" >&2; exit 2; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-deps -r requirements.lock
@@ -19,18 +29,20 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
-install: $(VENV)/.installed
+install: $(INSTALLED)
 
-# Re-resolve pyproject.toml with pip and rewrite requirements.lock (commit it with the change).
+# Re-resolve pyproject.toml with pip on Python 3.11, 3.12 and 3.13 and rewrite requirements.lock
+# (commit it with the change); it fails if the three resolutions differ.
 lock:
 	$(PYTHON) scripts/lock.py
 
-# The newest versions the pyproject ranges allow, in a throwaway venv: smoke tests and what moved.
+# The newest versions the pyproject ranges allow, in a throwaway venv per Python version: smoke
+# tests and what moved.
 check-latest: install
 	$(PY) scripts/check_latest.py
 
 # The testbed's data under the built-in tasks' hub ids, in a cache folder of this project's.
-results/hf_home/.written: $(VENV)/.installed vtw_eval/testbed/hub_cache.py $(wildcard testbed/data/*/test/*.arrow)
+results/hf_home/.written: $(INSTALLED) vtw_eval/testbed/hub_cache.py $(wildcard testbed/data/*/test/*.arrow)
 	$(PY) scripts/make_testbed_cache.py --hf-home results/hf_home
 	touch $@
 
@@ -41,3 +53,6 @@ demo: install testbed-cache
 
 test: install
 	$(PY) -m pytest -q
+
+smoke: install
+	$(PY) -m pytest -q $(SMOKE_TESTS)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# What the backends write by default (calibration files, accounting) goes to a folder of the
+# test session, never into the user's own cache (vtw_eval.files.cache_dir).
+os.environ.setdefault("VTW_EVAL_CACHE", tempfile.mkdtemp(prefix="vtw_eval_cache_"))
 
 import pytest
 import torch

@@ -144,18 +144,16 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
 
 
 def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
+    from vtw_eval.diff import efficiency_rows, load_run
     from vtw_eval.run import run_lmms_eval
 
     results_file = run_lmms_eval(
-        "vtw_llava",
-        f"pretrained={tiny_llava_path},withdraw_layer=1,device=cpu,accounting_file={tmp_path}/r.jsonl",
-        "vtw_tiny_mme",
-        tmp_path,
-        "--batch_size",
-        "4",
-    )
+        "vtw_llava", f"pretrained={tiny_llava_path},withdraw_layer=1,device=cpu", "vtw_tiny_mme", tmp_path,
+        "--batch_size", "4",
+    )  # fmt: skip
     throughput = json.loads(results_file.read_text())["throughput"]
-    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    (accounting,) = (tmp_path / "vtw_accounting").glob("*_rank0.jsonl")  # beside --output_path's results
+    records = [json.loads(line) for line in accounting.read_text().splitlines()]
     assert len(records) == 16
     assert throughput["avg_withdraw_layer"] == 1
     assert throughput["avg_visual_tokens"] == 16
@@ -164,6 +162,15 @@ def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
     assert throughput["avg_prefill_flops_saved"] == pytest.approx(mean_saved)
     assert 0 < mean_saved < 1
     assert throughput["avg_kv_cache_mb_vtw"] < throughput["avg_kv_cache_mb_baseline"]
+    # lmms-eval's latency names, from the records' batch timings.
+    assert throughput["avg_ttft"] == pytest.approx(sum(r["batch_prefill_seconds"] for r in records) / 16)
+    decoding = [r["batch_decode_seconds"] / r["batch_decode_steps"] for r in records if r["generated_tokens"] > 1]
+    assert decoding and throughput["avg_tpot"] == pytest.approx(sum(decoding) / len(decoding))
+    assert throughput["avg_ttft"] != throughput["avg_tpot"]
+    figures = {row["figure"]: row["run"] for row in efficiency_rows([load_run(results_file, "run")])}
+    for figure in ("ttft", "tpot", "total_gen_tokens", "total_elapsed_time", "avg_speed", "prefill_flops_saved"):
+        assert figures[figure] is not None, figure
+    assert figures["total_gen_tokens"] == sum(r["generated_tokens"] for r in records)
 
 
 def test_whole_model_terms_by_hand(tiny_llava_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from vtw_eval.files import write_atomically
 from vtw_eval.run import run_lmms_eval
 
 
-@pytest.mark.parametrize("value, shown", [("99", "99"), ("-1", "-1.0"), ("abc", "'abc'"), ("auto", None)])
+@pytest.mark.parametrize("value, shown", [("99", "99"), ("auto", None)])
 def test_cli_bad_withdraw_layer(tiny_llava_path, tmp_path, value, shown):
     model_args = f"pretrained={tiny_llava_path},withdraw_layer={value},device=cpu,calibration_dir={tmp_path}/none"
     with pytest.raises(RuntimeError, match="lmms-eval failed"):
@@ -27,6 +28,15 @@ def test_cli_bad_withdraw_layer(tiny_llava_path, tmp_path, value, shown):
     else:  # lmms-eval turns "99" into 99 and "-1" into -1.0 before we see them
         assert f"withdraw_layer={shown} is not accepted; use an integer from 0 to 4" in log
     assert not list(tmp_path.glob("*/*_results.json"))
+
+
+@pytest.mark.parametrize("value, shown", [("-1", "-1.0"), ("abc", "'abc'"), ("2.5", "2.5")])
+def test_bad_withdraw_layer_as_lmms_eval_passes_it(tiny_llava_path, value, shown):
+    """The entry point lmms-eval calls with the --model_args string (the CLI path above)."""
+    from vtw_eval.backends.llava import VTWLlava
+
+    with pytest.raises(ValueError, match=rf"withdraw_layer={re.escape(shown)} is not accepted; use an integer from 0"):
+        VTWLlava.create_from_arg_string(f"pretrained={tiny_llava_path},device=cpu,withdraw_layer={value}")
 
 
 def test_cli_auto_with_a_corrupt_calibration_file(tiny_llava_path, tmp_path):
@@ -121,11 +131,7 @@ def test_signal_during_writing_never_leaves_a_half_written_file(tmp_path, signal
 @pytest.mark.parametrize(
     "model_args, options, environment, message",
     [
-        ("batch_size=abc", [], {}, "batch_size='abc' is not accepted; use a positive integer"),
         ("", ["--batch_size", "0"], {}, "batch_size='0' is not accepted; use a positive integer"),
-        ("device=cuda", [], {}, "device='cuda' is not accepted: this machine has 0 CUDA device(s)"),
-        ("kl_threshold=-1", [], {}, "kl_threshold=-1.0 is not accepted; use a finite number >= 0"),
-        ("max_num_frames=4", [], {}, "Unknown model_args for VTWLlava: ['max_num_frames']"),
         ("", [], {"VTW_CALIBRATION_DOCS": "0"}, "VTW_CALIBRATION_DOCS='0' is not accepted; use a positive integer"),
     ],
 )
@@ -139,6 +145,28 @@ def test_cli_bad_arguments_name_themselves(tiny_llava_path, tmp_path, model_args
         run_lmms_eval("vtw_llava", arguments, tasks, tmp_path / "out", *options, env=environment)
     assert message in (tmp_path / "out" / "lmms_eval.log").read_text()
     assert not list((tmp_path / "out").glob("*/*_results.json"))
+    assert not list(tmp_path.glob("acc/*"))
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        ("batch_size=abc", "batch_size='abc' is not accepted; use a positive integer"),
+        ("device=cuda", "device='cuda' is not accepted: this machine has 0 CUDA device(s)"),
+        ("kl_threshold=-1", "kl_threshold=-1.0 is not accepted; use a finite number >= 0"),
+        ("max_num_frames=4", "Unknown model_args for VTWLlava: ['max_num_frames']"),
+    ],
+)
+def test_bad_arguments_as_lmms_eval_passes_them(tiny_llava_path, tmp_path, model_args, message):
+    """The entry point lmms-eval calls with --model_args and its own options (the CLI path above)."""
+    from vtw_eval.backends.llava import VTWLlava
+
+    if "device=" not in model_args:
+        model_args = f"device=cpu,{model_args}"
+    arg_string = f"pretrained={tiny_llava_path},{model_args},accounting_file={tmp_path}/acc/r.jsonl"
+    with pytest.raises(ValueError) as error:
+        VTWLlava.create_from_arg_string(arg_string, {"batch_size": 1, "device": None})
+    assert message in str(error.value)
     assert not list(tmp_path.glob("acc/*"))
 
 
@@ -157,5 +185,16 @@ def test_cli_calibration_file_of_another_layer_count_names_the_field(tiny_llava_
             "vtw_tiny_mme", tmp_path / "out",
         )  # fmt: skip
     log = (tmp_path / "out" / "lmms_eval.log").read_text()
-    assert f"calibration file {path} is unreadable (field 'num_layers' is 6, the model has 4 decoder layers)" in log
+    assert f"calibration file {path} is unreadable (field 'num_layers' is 6, not 4, the model's decoder layers)" in log
     assert "--tasks vtw_calibration --include_path" in log  # the command that makes the right one
+
+
+def test_lmms_eval_plugins_variable_fails_with_our_message(tiny_llava_path, tmp_path):
+    """lmms-eval imports `<plugin>.models` for LMMS_EVAL_PLUGINS; ours says what to do instead."""
+    log = tmp_path / "out" / "lmms_eval.log"
+    with pytest.raises(RuntimeError, match="lmms-eval failed"):
+        run_lmms_eval(
+            "vtw_llava", f"pretrained={tiny_llava_path},device=cpu", "vtw_tiny_mme", tmp_path / "out",
+            env={"LMMS_EVAL_PLUGINS": "vtw_eval"},
+        )  # fmt: skip
+    assert "LMMS_EVAL_PLUGINS=vtw_eval is not supported and not needed" in log.read_text()

@@ -254,3 +254,27 @@ def test_installed_wheel_runs_the_calibration_group_from_anywhere(hf_home, tmp_p
     record = json.loads(results.read_text())["results"]["vtw_calibration"]["vtw_calibration,none"]
     assert record["num_samples"] == 6 and len(record["mean_kl"]) == 9  # 2 docs of each subset; 8 layers
     assert len(list((tmp_path / "cal").glob("*.json"))) == 1
+
+
+def test_the_documented_commands_run_on_the_testbed(hf_home, tmp_path):
+    """docs/testbed.md's block of README commands, run as written (private cache and output folder)."""
+    import re
+    import shlex
+
+    text = (REPO_ROOT / "docs" / "testbed.md").read_text()
+    block = re.search(r"## The commands on the testbed.*?```sh\n(.*?)```", text, re.S).group(1)
+    lines = block.strip().splitlines()
+    env = {**os.environ, **hub_environment(hf_home)}
+    assert lines[0].startswith("export ") and set(re.findall(r"(\w+)=", lines[0])) == set(hub_environment(hf_home))
+    programs = {"lmms-eval": [sys.executable, "-m", "lmms_eval"], "vtw-diff": [sys.executable, "-m", "vtw_eval.diff"]}
+    for line in lines[1:]:
+        words = shlex.split(line.replace("results/try", str(tmp_path)))
+        command = programs[words[0]] + words[1:] + (["--verbosity", "DEBUG"] if words[0] == "lmms-eval" else [])
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        assert completed.returncode == 0, (line, completed.stdout[-2000:], completed.stderr[-2000:])
+    for run in ("baseline", "k4", "per_task"):
+        assert list((tmp_path / run).glob("*/*_results.json")), run
+    assert "changed" in completed.stdout and "mme_perception_score" in completed.stdout  # vtw-diff's table
+    (calibration,) = (tmp_path / "calibration").glob("*.json")
+    entries = json.loads(calibration.read_text())["per_task"]
+    assert sorted(entries) == ["mme", "pope"] and all(e["limited"] and e["num_samples"] == 8 for e in entries.values())

@@ -13,7 +13,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 
 from vtw_eval.cost import DecoderGeometry, request_figures, whole_model_of
-from vtw_eval.files import write_atomically
+from vtw_eval.files import cache_dir, write_atomically
 
 
 class CallTimer:
@@ -76,9 +76,12 @@ def image_token_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[
     return runs
 
 
-def default_accounting_file(stem: str, rank: int) -> Path:
+def default_accounting_file(stem: str, rank: int, output_path: str | None) -> Path:
+    """Beside lmms-eval's results (``<output_path>/vtw_accounting/``) when ``--output_path`` is
+    given, else in vtw_eval's cache folder (``files.cache_dir()/accounting``)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    return Path("results/accounting") / f"{stem}_{stamp}_rank{rank}.jsonl"
+    folder = Path(output_path) / "vtw_accounting" if output_path else cache_dir() / "accounting"
+    return folder / f"{stem}_{stamp}_rank{rank}.jsonl"
 
 
 class RequestAccounting:
@@ -175,6 +178,7 @@ class RequestAccounting:
                     else {}
                 ),
                 **task_figures(self.task_layers(), self.calibration_flops, self.prefill_flops_by_task()),
+                **latency_figures(records),
                 "prefill_seconds_per_batch": sum(t.prefill_seconds for t in timers) / len(timers),
                 "decode_seconds_per_step": sum(t.decode_seconds for t in timers) / decode_steps
                 if decode_steps
@@ -184,6 +188,18 @@ class RequestAccounting:
         lines = "".join(json.dumps(record) + "\n" for record in records)
         write_atomically(self.path, lines.encode())
         logger.info(f"VTW per-request figures: {self.path}")
+
+
+def latency_figures(records: list[dict]) -> dict:
+    """lmms-eval's names for latency (its vLLM backends log them): ``ttft``, a request's time to
+    its first token (its batch's prefill), and ``tpot``, its time per output token after the first
+    (its batch's decoding time per step), averaged over requests (``tpot`` over those with more
+    than one token)."""
+    figures = {"ttft": sum(r["batch_prefill_seconds"] for r in records) / len(records)}
+    decoding = [r for r in records if r["generated_tokens"] > 1 and r["batch_decode_steps"]]
+    if decoding:
+        figures["tpot"] = sum(r["batch_decode_seconds"] / r["batch_decode_steps"] for r in decoding) / len(decoding)
+    return figures
 
 
 def task_figures(layers: dict[str, int], calibration_flops: dict[str, int], prefill_flops: dict[str, int]) -> dict:

@@ -42,9 +42,13 @@ EFFICIENCY_KEYS = (
     "kv_cache_mb_baseline",
     "kv_cache_mb_vtw",
     "kv_cache_saved",
+    "ttft",
+    "tpot",
     "prefill_seconds_per_batch",
     "decode_seconds_per_step",
 )
+# lmms-eval's own figures in ``throughput`` (no ``avg_`` prefix added).
+LMMS_EVAL_KEYS = ("total_gen_tokens", "total_elapsed_time", "avg_speed")
 
 
 @dataclass
@@ -145,8 +149,9 @@ def efficiency_rows(runs: list[Run]) -> list[dict]:
             if key.startswith(("avg_withdraw_layer/", "avg_calibration_"))
         }
     )
-    for key in (*EFFICIENCY_KEYS, *per_task):
-        values = [_number((run.data.get("throughput") or {}).get(f"avg_{key}")) for run in runs]
+    named = [(key, key) for key in LMMS_EVAL_KEYS] + [(key, f"avg_{key}") for key in (*EFFICIENCY_KEYS, *per_task)]
+    for key, stored in named:
+        values = [_number((run.data.get("throughput") or {}).get(stored)) for run in runs]
         if any(v is not None for v in values):
             rows.append({"figure": key, **{run.label: v for run, v in zip(runs, values)}})
     totals = [_calibration_total(run) for run in runs]  # each task's calibration is its own key

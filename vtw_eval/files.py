@@ -10,6 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """Where vtw_eval writes by default, shared by every working directory (as Hugging Face keeps
+    its caches): ``$VTW_EVAL_CACHE``, else ``$XDG_CACHE_HOME/vtw_eval``, else ``~/.cache/vtw_eval``."""
+    if os.environ.get("VTW_EVAL_CACHE"):
+        return Path(os.environ["VTW_EVAL_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "vtw_eval"
+
+
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 

@@ -50,7 +50,7 @@ from vtw_eval.calibration_file import (
 )
 from vtw_eval.cost import DecoderGeometry
 from vtw_eval.engine import VisualTokenWithdrawal
-from vtw_eval.files import check_writable
+from vtw_eval.files import cache_dir, check_writable
 from vtw_eval.registry import BACKENDS
 from vtw_eval.tasks import TASKS_DIR
 
@@ -109,7 +109,7 @@ class VTWBackend(lmms):
         chat_template: str | None = None,
         use_cache: bool = True,
         calibration: str | None = None,
-        calibration_dir: str = "results/calibration",
+        calibration_dir: str | None = None,
         kl_threshold: float | None = None,
         calibrate_per_task: int = 0,
         kl_tokens: int = 1,
@@ -144,7 +144,8 @@ class VTWBackend(lmms):
         self.withdrawal = VisualTokenWithdrawal(self._model, None, self.decoding_positions)
         self.identity = model_identity(self._model, pretrained)
         stem = calibration_file_stem(pretrained, self.identity)
-        self.calibration_file = Path(calibration or Path(calibration_dir) / f"{stem}.json").resolve()
+        calibration_dir = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
+        self.calibration_file = Path(calibration or calibration_dir / f"{stem}.json").expanduser().resolve()
         # The K of every request, unless withdraw_layer=auto finds a task's own K in the calibration file.
         self.default_withdraw_layer = self._resolve_withdraw_layer(withdraw_layer)
         self.withdrawal.withdraw_layer = self.default_withdraw_layer
@@ -445,7 +446,8 @@ class VTWBackend(lmms):
         return box[0]
 
     def _accounting_path(self, accounting_file: str | None, stem: str) -> Path:
-        path = Path(accounting_file or default_accounting_file(stem, self._rank)).resolve()
+        default = default_accounting_file(stem, self._rank, command_line_option("--output_path"))
+        path = Path(accounting_file or default).expanduser().resolve()
         if self._world_size > 1 and accounting_file:  # one file per process
             path = path.with_suffix(f".rank{self._rank}{path.suffix}")
         check_writable(path, "accounting_file")
@@ -693,10 +695,22 @@ class VTWBackend(lmms):
         raise NotImplementedError(f"{type(self).__name__} does not implement multi-round generation")
 
 
+def command_line_option(name: str, argv: list[str] | None = None) -> str | None:
+    """The value of lmms-eval's command-line option ``name`` (``--output_path X`` or
+    ``--output_path=X``), or None. lmms-eval does not tell a model its options; its command line
+    is the only place that says them."""
+    argv = sys.argv if argv is None else argv
+    for index, arg in enumerate(argv):
+        if arg == name and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def response_cache_requested(argv: list[str] | None = None) -> bool:
-    """Whether the lmms-eval command line asked for its response cache (``--use_cache PATH``).
-    lmms-eval does not tell a model; its command line is the only place that says so."""
-    return any(arg == "--use_cache" or arg.startswith("--use_cache=") for arg in (sys.argv if argv is None else argv))
+    """Whether the lmms-eval command line asked for its response cache (``--use_cache PATH``)."""
+    return command_line_option("--use_cache", argv) is not None
 
 
 def _destroy_process_group() -> None:
