@@ -353,3 +353,25 @@ def test_rows_whose_answer_ends_early_count_only_their_answer(tiny_llava_path, p
     expected = naive_greedy_answer(model, encode(processor, [rows[1]], seed=1), 5, eos)
     ended = expected[-1] == eos
     assert counted[1].sum() == 1 + len(expected) - ended
+
+
+def test_a_checkpoints_fingerprint_is_remembered_until_its_files_change(tiny_llava_path, tmp_path, monkeypatch):
+    import shutil
+
+    from vtw_eval import calibration_file
+
+    monkeypatch.setenv("VTW_EVAL_CACHE", str(tmp_path / "cache"))
+    folder = shutil.copytree(tiny_llava_path, tmp_path / "model")
+    hashed = []
+    compute = calibration_file.weights_fingerprint
+    monkeypatch.setattr(calibration_file, "weights_fingerprint", lambda model: hashed.append(1) or compute(model))
+    model = load_model(folder)
+    first = calibration_file.cached_weights_fingerprint(model, folder)
+    assert calibration_file.cached_weights_fingerprint(load_model(folder), folder) == first == compute(model)
+    assert len(hashed) == 1  # the second load was not hashed
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        weight.view(-1)[weight.numel() // 2] += 0.5
+    model.save_pretrained(folder)  # the same file names, rewritten
+    changed = calibration_file.cached_weights_fingerprint(load_model(folder), folder)
+    assert len(hashed) == 2 and changed != first and changed == compute(model)

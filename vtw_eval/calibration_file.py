@@ -25,7 +25,7 @@ from lmms_eval.utils import sanitize_model_name
 from loguru import logger
 
 from vtw_eval.calibration import choose_withdraw_layer
-from vtw_eval.files import check_writable, exclusive_lock, write_together
+from vtw_eval.files import cache_dir, check_writable, exclusive_lock, write_atomically, write_together
 
 # 4: the weights fingerprint hashes every value (format 3 sampled 16 values per tensor, so its
 # files cannot be matched to a model); per-task entries say how they were made.
@@ -75,12 +75,69 @@ def model_name(pretrained: str) -> str:
     return path.resolve().name if path.is_dir() else pretrained
 
 
-def model_identity(model: torch.nn.Module, pretrained: str) -> dict:
-    """What a calibration record says about the model it was measured on."""
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def checkpoint_folder(pretrained: str, revision: str = "main") -> Path | None:
+    """The local folder a model was loaded from: a directory as given, or a hub id's snapshot in
+    the Hugging Face cache (found without the network); None if there is none."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(pretrained, "config.json", revision=revision)
+    return Path(config).parent.resolve() if isinstance(config, str) else None
+
+
+def checkpoint_files_key(folder: Path) -> str | None:
+    """A key of a checkpoint's weight files as they are on disk: each file's name, size and
+    modification time (symbolic links followed, as the hub cache uses them); None without any."""
+    files = sorted({file for pattern in WEIGHT_FILES for file in folder.glob(pattern)})
+    if not files:
+        return None
+    stats = [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in files]
+    return hashlib.sha256(json.dumps([str(folder), stats]).encode()).hexdigest()
+
+
+def cached_weights_fingerprint(model: torch.nn.Module, folder: Path | None) -> str:
+    """``weights_fingerprint(model)``, remembered per checkpoint (``checkpoint_files_key``) in
+    ``files.cache_dir()/fingerprints.json``: hashing every weight of a 7B model takes seconds,
+    loading it again from the page cache a fraction of one. A weight file rewritten (another size
+    or modification time) is hashed again. Only for a model just loaded from ``folder``."""
+    key = checkpoint_files_key(folder) if folder is not None else None
+    if key is None:
+        return weights_fingerprint(model)
+    store = cache_dir() / "fingerprints.json"
+    try:
+        known = json.loads(store.read_text())
+        fingerprint = known[key]
+        if isinstance(fingerprint, str):
+            return fingerprint
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    fingerprint = weights_fingerprint(model)
+    try:
+        with exclusive_lock(store):
+            try:
+                known = json.loads(store.read_text())
+                known = known if isinstance(known, dict) else {}
+            except (OSError, ValueError):
+                known = {}
+            known[key] = fingerprint
+            write_atomically(store, (json.dumps(known, indent=1) + "\n").encode())
+    except OSError as error:  # a cache that cannot be written only costs time
+        logger.warning(f"cannot remember the weights fingerprint in {store} ({error.strerror})")
+    return fingerprint
+
+
+def model_identity(model: torch.nn.Module, pretrained: str, folder: Path | None = None) -> dict:
+    """What a calibration record says about the model it was measured on. ``folder``: the
+    checkpoint the model was just loaded from, whose fingerprint may then be remembered."""
     return {
         "model": model_name(pretrained),
         "config_hash": config_hash(model.config),
-        "weights_fingerprint": weights_fingerprint(model),
+        "weights_fingerprint": cached_weights_fingerprint(model, folder),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
 

@@ -42,6 +42,7 @@ from vtw_eval.calibration import (
 from vtw_eval.calibration_file import (
     calibration_file_stem,
     check_calibration_writable,
+    checkpoint_folder,
     load_calibration,
     matching_task_entry,
     model_identity,
@@ -142,7 +143,7 @@ class VTWBackend(lmms):
             device_map,
         )
         self.withdrawal = VisualTokenWithdrawal(self._model, None, self.decoding_positions)
-        self.identity = model_identity(self._model, pretrained)
+        self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
         stem = calibration_file_stem(pretrained, self.identity)
         calibration_dir = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
         self.calibration_file = Path(calibration or calibration_dir / f"{stem}.json").expanduser().resolve()
