@@ -274,7 +274,16 @@ def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
         "--batch_size",
         "4",
     )
-    record = json.loads(results_file.read_text())["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
+    group = json.loads(results_file.read_text())["results"]["vtw_calibration_tiny"]
+    record = group["vtw_calibration,none"]
+    # K, threshold and count also as plain numbers: readable in the table lmms-eval prints.
+    assert (group["withdraw_layer,none"], group["kl_threshold,none"], group["num_samples,none"]) == (
+        record["withdraw_layer"], 0.003, 16,
+    )  # fmt: skip
+    table = (tmp_path / "calibrate" / "lmms_eval.log").read_text()
+    assert re.search(
+        rf"\|vtw_calibration_tiny *\|none *\| *\|withdraw_layer *\|. *\| *{record['withdraw_layer']}\.000\|", table
+    )
     files = sorted(p.name for p in calibration_dir.iterdir() if not p.name.startswith("."))
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".png")
     on_disk = json.loads((calibration_dir / files[0]).read_text())

@@ -137,7 +137,7 @@ def test_4_a_smoke_test_calibration_is_not_reused_by_a_full_run(tiny_llava_path,
     # A full run asking for more prompts than the task has: recalibrated on all 16, a warning says so.
     results, full, log = per_task_run(tiny_llava_path, tmp_path / "full", calibration, ",calibrate_per_task=20")
     assert "is not reused (it was made under --limit" in log
-    assert f"calibrate_per_task=20: task {TASK} has 16 docs; its K is calibrated on all 16" in log
+    assert f"calibrate_per_task=20: task {TASK} has 16 docs in this run; its K is calibrated on all 16" in log
     assert (full["num_samples"], full["task_docs"], full["limited"]) == (16, 16, False)
     assert results["throughput"][f"avg_withdraw_layer/{TASK}"] == full["withdraw_layer"]
     # Fewer prompts than the entry's: it serves (test_per_task shows a run reusing an entry).

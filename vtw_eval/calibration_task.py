@@ -4,6 +4,10 @@ The vtw backends answer a calibration request with the prompt's per-layer KL as 
 (``VTWBackend`` recognises ``generation_kwargs: {vtw_calibration: true}``); these hooks gather
 the answers (lmms-eval has gathered every rank's first), choose K (``calibration.summarise``) and
 write the calibration file.
+
+The ``vtw_calibration`` metric is the whole record (the results JSON holds it); ``withdraw_layer``,
+``kl_threshold`` and ``num_samples`` repeat its K, threshold and sample count as plain numbers, so
+that the table lmms-eval prints shows them readably.
 """
 
 from __future__ import annotations
@@ -39,6 +43,19 @@ def gqa_docs(dataset):
     return gqa_process_docs(spread_docs(dataset))
 
 
+class ChosenLayer(int):
+    """K as an int (lmms-eval prints it as one, the results JSON holds it as one), carrying the
+    record it was chosen from (``.record``), so that a group can pool its subsets' curves."""
+
+    record: dict
+
+
+def _chosen_layer(record: dict) -> ChosenLayer:
+    layer = ChosenLayer(record["withdraw_layer"])
+    layer.record = record
+    return layer
+
+
 def process_results(doc, results):
     try:
         sample = json.loads(results[0])
@@ -47,7 +64,7 @@ def process_results(doc, results):
         raise ValueError(
             f"vtw_calibration needs a vtw_* model (e.g. --model vtw_llava); got the answer {results[0][:80]!r}"
         ) from None
-    return {"vtw_calibration": sample}
+    return {"vtw_calibration": sample, "withdraw_layer": sample, "kl_threshold": sample, "num_samples": sample}
 
 
 def _identity(records: list[dict], what: str) -> dict:
@@ -69,6 +86,39 @@ def aggregate_subset(samples: list[dict]) -> dict:
     record = summarise({samples[0]["subset"]: entry}, identity)
     record["calibration_file"] = samples[0]["calibration_file"]
     return record
+
+
+def subset_layer(samples: list[dict]) -> ChosenLayer:
+    """A subset's K (``withdraw_layer`` metric)."""
+    return _chosen_layer(aggregate_subset(samples))
+
+
+def threshold(samples: list[dict]) -> float:
+    """The threshold K was chosen at (``kl_threshold`` metric); one per run."""
+    return _identity(samples, "samples")["kl_threshold"]
+
+
+def count(samples: list[dict]) -> int:
+    """How many prompts were measured (``num_samples`` metric)."""
+    return len(samples)
+
+
+def group_layer(subset_layers: list[ChosenLayer], sizes, weight_by_size) -> ChosenLayer:
+    """The group's K from its subsets' curves, as ``aggregate_group`` chooses it (nothing written)."""
+    records = [layer.record for layer in subset_layers]
+    identity = _identity(records, "subsets")
+    per_subset = {name: entry for record in records for name, entry in record["per_subset"].items()}
+    return _chosen_layer(summarise(per_subset, identity))
+
+
+def group_threshold(thresholds: list[float], sizes, weight_by_size) -> float:
+    if len(set(thresholds)) != 1:
+        raise ValueError(f"vtw_calibration subsets disagree on kl_threshold: {sorted(set(thresholds))}")
+    return thresholds[0]
+
+
+def group_count(counts: list[int], sizes, weight_by_size) -> int:
+    return sum(counts)
 
 
 def aggregate_group(subset_records: list[dict], sizes, weight_by_size) -> dict:

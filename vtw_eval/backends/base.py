@@ -236,9 +236,7 @@ class VTWBackend(lmms):
         layer = arguments.withdraw_layer(value, self.withdrawal.num_layers)
         self.auto = layer == "auto"
         given = [
-            f"{name}"
-            for name, flag in (("kl_threshold", self.threshold_given), ("kl_tokens", self.kl_tokens_given))
-            if flag
+            name for name, flag in (("kl_threshold", self.threshold_given), ("kl_tokens", self.kl_tokens_given)) if flag
         ]
         if isinstance(layer, int) and given:
             raise ValueError(
@@ -313,7 +311,8 @@ class VTWBackend(lmms):
         return (
             f"lmms-eval --model {model} --model_args pretrained={self.pretrained},withdraw_layer=auto,"
             f"calibrate_per_task={self.calibrate_per_task or 20},kl_tokens={self.kl_tokens},"
-            f"calibration={self.calibration_file} --tasks {task}"
+            + (f"kl_threshold={self.kl_threshold:g}," if self.threshold_given else "")
+            + f"calibration={self.calibration_file} --tasks {task}"
         )
 
     # -- per-task K ------------------------------------------------------------------------
@@ -375,11 +374,6 @@ class VTWBackend(lmms):
                     f"calibration file {self.calibration_file}: task {task}'s entry is invalid, recalibrating"
                 )
             entry = matching_task_entry(record, task, self.kl_threshold, self.kl_tokens)
-            if self.calibrate_per_task > task_docs[task]:
-                logger.warning(
-                    f"calibrate_per_task={self.calibrate_per_task}: task {task} has {task_docs[task]} docs; "
-                    f"its K is calibrated on all {task_docs[task]}"
-                )
             reason = entry and stale_reason(entry, task_docs[task], self.calibrate_per_task)
             if reason and self.calibrate_per_task:
                 logger.warning(
@@ -398,6 +392,11 @@ class VTWBackend(lmms):
         """Per-layer KL on ``calibrate_per_task`` of the task's prompts (spread evenly over the docs of
         the run, ``all_docs``, on all ranks; answers never read), its K written into the calibration
         file; and its FLOPs."""
+        if self.calibrate_per_task > len(all_docs) and self._rank == 0:
+            logger.warning(
+                f"calibrate_per_task={self.calibrate_per_task}: task {task} has {len(all_docs)} docs in this run; "
+                f"its K is calibrated on all {len(all_docs)}"
+            )
         chosen = {all_docs[index] for index in spread_evenly(len(all_docs), self.calibrate_per_task)}
         by_doc = {}  # one request per doc (a multiple-choice doc has one per choice, same prompt)
         for args in requests_args:
