@@ -1,4 +1,4 @@
-"""The exactness suite on LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL tiny random models."""
+"""The exactness suite on LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL tiny random models."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import pytest
 import torch
 from conftest import NUM_LAYERS, encode, picture
 from reference import reference_vtw_logits, visual_ids
-from tiny_models import build_tiny_llava_onevision, build_tiny_qwen2_vl
+from tiny_models import build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3_vl
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.backends.llava import VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
+from vtw_eval.backends.qwen3_vl import VTWQwen3VL
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in
 
 BUILDERS = {
     "llava_onevision": build_tiny_llava_onevision,
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
+    "qwen3_vl": build_tiny_qwen3_vl,  # DeepStack after decoder layers 0, 1, 2
 }
 QUESTION = "Is there a red square in the image ?"
 
@@ -30,7 +32,7 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-ADAPTERS = (VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL)
+ADAPTERS = (VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL)
 
 
 def load(path, attn_implementation: str = "sdpa"):
@@ -39,9 +41,9 @@ def load(path, attn_implementation: str = "sdpa"):
 
 def withdrawal(model, withdraw_layer):
     """The engine as the architecture's backend sets it up (the adapter says how decoding
-    positions are derived)."""
+    positions are derived and which visual features the decoder adds between layers)."""
     adapter = next(a for a in ADAPTERS if model.config.model_type in a.model_classes)
-    return VisualTokenWithdrawal(model, withdraw_layer, adapter.decoding_positions)
+    return VisualTokenWithdrawal(model, withdraw_layer, adapter.decoding_positions, adapter.injected_visual_features)
 
 
 def generate(model, inputs, **kwargs):
@@ -185,3 +187,29 @@ def test_kl_over_the_greedy_answer_equals_reference(tiny):
         log_p = torch.log_softmax(logits[0, -3:], -1)
         expected = float((log_p.exp() * (log_p - log_p_full)).sum(-1).mean())
         assert kl[layer].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_qwen3_vl_deepstack_features_before_k_count(tmp_path):
+    """DeepStack adds ViT features after decoder layers 0, 1, 2. Withdrawal at K keeps those
+    before K (dropping them all would change the answer: the guard) and runs for K = 0..3."""
+    path = build_tiny_qwen3_vl(tmp_path / "qwen3_vl")
+    processor = AutoProcessor.from_pretrained(path)
+    model = load(path)
+    inputs = encode(processor, [(QUESTION, 2)])
+
+    def without_deepstack(module, args, kwargs):
+        return args, {**kwargs, "deepstack_visual_embeds": None}
+
+    for layer in range(4):
+        vtw = withdrawal(model, layer)
+        with_features = model(**inputs).logits
+        handle = model.model.language_model.register_forward_pre_hook(without_deepstack, with_kwargs=True)
+        dropped = model(**inputs).logits
+        handle.remove()
+        vtw.remove()
+        expected, _ = reference_vtw_logits(model, inputs, layer)
+        torch.testing.assert_close(with_features, expected, atol=1e-5, rtol=0)
+        if layer >= 2:  # an injection before layer K-1 reaches the text through layers < K
+            assert (with_features - dropped).abs().max() > 1e-4, layer
+        else:  # K <= 1: no injection reaches a kept token
+            torch.testing.assert_close(with_features, dropped, atol=1e-6, rtol=0)

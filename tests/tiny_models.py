@@ -186,3 +186,43 @@ def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     return _save(path, model, processor)
+
+
+def build_tiny_qwen3_vl(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """A Qwen3VLForConditionalGeneration: 16 px patches merged 2x2 (32 px per visual token),
+    interleaved multimodal rotary positions, and DeepStack: the features of ViT blocks 0, 1, 2
+    added at the visual positions after decoder layers 0, 1, 2."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        rope_parameters={
+            "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 1e4,
+        },
+    )  # fmt: skip
+    vision = dict(
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+        num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2],
+    )  # fmt: skip
+    config = transformers.Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    pixels = dict(patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128)
+    processor = transformers.Qwen3VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(**pixels),
+        video_processor=transformers.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)

@@ -13,6 +13,9 @@ The engine is two kinds of forward pre-hook, nothing copied from or patched into
 * on each decoder layer: a layer >= K gets the kept positions' hidden states (the first
   withdrawn layer only, during prefill), position embeddings and position ids, and an attention
   mask built by transformers' own mask functions for the reduced sequence and KV cache.
+* on the language model, for architectures that declare one: visual features that the decoder
+  adds at the visual positions after its first layers (Qwen3-VL's DeepStack) are kept for the
+  layers before K only: after withdrawal there is no visual position left to add them to.
 
 All state lives on one ``VisualTokenWithdrawal`` object per model and describes the current
 batch only.
@@ -131,9 +134,21 @@ class VisualTokenWithdrawal:
     layer-0 cache, which the engine replaces by explicit positions after the full prompt (that
     cache is reduced when K = 0); ``"from_attention_mask"``, from the 2D attention mask, as
     Qwen2-VL's multimodal rotary positions are, which the engine then gives in full.
+
+    ``injected_visual_features`` names the language model's keyword argument, if the architecture
+    has one, that carries a list of visual features added at the visual positions after decoder
+    layer i for its i-th entry (Qwen3-VL: ``deepstack_visual_embeds``). With withdrawal at K the
+    entries for layers >= K have no position to go to and are left out; those before K are added
+    exactly as in the unmodified model.
     """
 
-    def __init__(self, model: nn.Module, withdraw_layer: int | None, decoding_positions: str = "count"):
+    def __init__(
+        self,
+        model: nn.Module,
+        withdraw_layer: int | None,
+        decoding_positions: str = "count",
+        injected_visual_features: str | None = None,
+    ):
         if decoding_positions not in DECODING_POSITIONS:
             raise ValueError(f"decoding_positions={decoding_positions!r}; use one of {DECODING_POSITIONS}")
         self.model = model
@@ -152,6 +167,11 @@ class VisualTokenWithdrawal:
         for index, layer in enumerate(self.language_model.layers):
             hook = self._make_layer_hook(index)
             self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        self.injected_visual_features = injected_visual_features
+        if injected_visual_features is not None:
+            self._handles.append(
+                self.language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True)
+            )
 
     @property
     def withdraw_layer(self) -> int | None:
@@ -225,6 +245,13 @@ class VisualTokenWithdrawal:
                 kwargs = {**kwargs, "attention_mask": full_mask}
         self._seen_tokens += new_tokens
         return args, kwargs
+
+    def _before_language_model(self, module, args, kwargs):
+        """Keep the injected visual features of the layers before K only (prefill)."""
+        features = kwargs.get(self.injected_visual_features)
+        if self.plan is None or not self._prefill or features is None:
+            return None
+        return args, {**kwargs, self.injected_visual_features: list(features)[: self._withdraw_layer]}
 
     # -- the layer-level hooks ---------------------------------------------------------------
 

@@ -95,6 +95,7 @@ class VTWBackend(lmms):
     is_simple = True
     model_classes: dict[str, type] = {}  # config.model_type -> transformers class, set by adapters
     decoding_positions = "count"  # how the model numbers decoding tokens (VisualTokenWithdrawal)
+    injected_visual_features: str | None = None  # visual features added between decoder layers, if any
 
     def __init__(
         self,
@@ -142,7 +143,9 @@ class VTWBackend(lmms):
             attn_implementation,
             device_map,
         )
-        self.withdrawal = VisualTokenWithdrawal(self._model, None, self.decoding_positions)
+        self.withdrawal = VisualTokenWithdrawal(
+            self._model, None, self.decoding_positions, self.injected_visual_features
+        )
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
         stem = calibration_file_stem(pretrained, self.identity)
         calibration_dir = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
