@@ -17,16 +17,12 @@ from vtw_eval.files import write_atomically
 from vtw_eval.run import run_lmms_eval
 
 
-@pytest.mark.parametrize("value, shown", [("99", "99"), ("auto", None)])
-def test_cli_bad_withdraw_layer(tiny_llava_path, tmp_path, value, shown):
-    model_args = f"pretrained={tiny_llava_path},withdraw_layer={value},device=cpu,calibration_dir={tmp_path}/none"
+def test_cli_bad_withdraw_layer(tiny_llava_path, tmp_path):
+    model_args = f"pretrained={tiny_llava_path},withdraw_layer=99,device=cpu,calibration_dir={tmp_path}/none"
     with pytest.raises(RuntimeError, match="lmms-eval failed"):
         run_lmms_eval("vtw_llava", model_args, "vtw_tiny_mme", tmp_path)
     log = (tmp_path / "lmms_eval.log").read_text()
-    if shown is None:  # auto without a calibration file
-        assert f"withdraw_layer=auto: no calibration file {tmp_path}/none/" in log
-    else:  # lmms-eval turns "99" into 99 and "-1" into -1.0 before we see them
-        assert f"withdraw_layer={shown} is not accepted; use an integer from 0 to 4" in log
+    assert "withdraw_layer=99 is not accepted; use an integer from 0 to 4" in log
     assert not list(tmp_path.glob("*/*_results.json"))
 
 
@@ -39,17 +35,14 @@ def test_bad_withdraw_layer_as_lmms_eval_passes_it(tiny_llava_path, value, shown
         VTWLlava.create_from_arg_string(f"pretrained={tiny_llava_path},device=cpu,withdraw_layer={value}")
 
 
-def test_cli_auto_with_a_corrupt_calibration_file(tiny_llava_path, tmp_path):
+def test_auto_with_a_corrupt_calibration_file(tiny_llava_path, tmp_path):
+    """Where the backend is made (the CLI path of a bad file: tests/test_trust.py)."""
+    from vtw_eval.backends.llava import VTWLlava
+
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"withdraw_layer": 2, "num_la')
-    with pytest.raises(RuntimeError, match="lmms-eval failed"):
-        run_lmms_eval(
-            "vtw_llava",
-            f"pretrained={tiny_llava_path},withdraw_layer=auto,calibration={corrupt},device=cpu",
-            "vtw_tiny_mme",
-            tmp_path,
-        )
-    assert f"calibration file {corrupt} is unreadable" in (tmp_path / "lmms_eval.log").read_text()
+    with pytest.raises(ValueError, match=rf"calibration file {corrupt} is unreadable \(not readable JSON"):
+        VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", calibration=str(corrupt), device="cpu")
 
 
 def test_undecodable_image_names_the_doc_and_stops(tiny_llava_path):
@@ -170,23 +163,23 @@ def test_bad_arguments_as_lmms_eval_passes_them(tiny_llava_path, tmp_path, model
     assert not list(tmp_path.glob("acc/*"))
 
 
-def test_cli_calibration_file_of_another_layer_count_names_the_field(tiny_llava_path, tmp_path):
+def test_a_calibration_file_of_another_layer_count_names_the_field(tiny_llava_path, tmp_path):
     from conftest import load_model
 
+    from vtw_eval.backends.llava import VTWLlava
     from vtw_eval.calibration import summarise
     from vtw_eval.calibration_file import model_identity, write_calibration
 
-    identity = model_identity(load_model(tiny_llava_path), str(tiny_llava_path))
+    identity = {**model_identity(load_model(tiny_llava_path), str(tiny_llava_path)), "kl_tokens": 1}
     record = summarise({"s": {"num_samples": 1, "mean_kl": [0.1] * 6 + [0.0]}}, {**identity, "kl_threshold": 0.003})
     path, _ = write_calibration(record, tmp_path / "six_layers.json")  # the tiny model has 4 layers
-    with pytest.raises(RuntimeError, match="lmms-eval failed"):
-        run_lmms_eval(
-            "vtw_llava", f"pretrained={tiny_llava_path},withdraw_layer=auto,calibration={path},device=cpu",
-            "vtw_tiny_mme", tmp_path / "out",
-        )  # fmt: skip
-    log = (tmp_path / "out" / "lmms_eval.log").read_text()
-    assert f"calibration file {path} is unreadable (field 'num_layers' is 6, not 4, the model's decoder layers)" in log
-    assert "--tasks vtw_calibration --include_path" in log  # the command that makes the right one
+    with pytest.raises(ValueError) as error:
+        VTWLlava(pretrained=str(tiny_llava_path), withdraw_layer="auto", calibration=str(path), device="cpu")
+    message = str(error.value)
+    assert (
+        f"calibration file {path} is unreadable (field 'num_layers' is 6, not 4, the model's decoder layers)" in message
+    )
+    assert "--tasks vtw_calibration --include_path" in message  # the command that makes the right one
 
 
 def test_lmms_eval_plugins_variable_fails_with_our_message(tiny_llava_path, tmp_path):

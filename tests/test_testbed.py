@@ -277,4 +277,4 @@ def test_the_documented_commands_run_on_the_testbed(hf_home, tmp_path):
     assert "changed" in completed.stdout and "mme_perception_score" in completed.stdout  # vtw-diff's table
     (calibration,) = (tmp_path / "calibration").glob("*.json")
     entries = json.loads(calibration.read_text())["per_task"]
-    assert sorted(entries) == ["mme", "pope"] and all(e["limited"] and e["num_samples"] == 8 for e in entries.values())
+    assert sorted(entries) == ["mme", "pope"] and all(e["limited"] and e["num_samples"] == 4 for e in entries.values())
