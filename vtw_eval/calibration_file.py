@@ -144,7 +144,8 @@ def model_identity(model: torch.nn.Module, pretrained: str, folder: Path | None 
 
 def calibration_file_stem(pretrained: str, identity: dict) -> str:
     """Unique per model: a hub id as lmms-eval names its folders (llava-hf__llava-1.5-7b-hf) or a
-    local directory's name, then the config hash and weights fingerprint (model_3f2a9c01_8d1e...).
+    local directory's name, then 8 characters each of the config hash and the weights fingerprint
+    (model_7103562b5aebf797).
     Two fine-tunes saved in folders of the same name get two files."""
     path = Path(pretrained).expanduser()
     name = path.resolve().name if path.is_dir() else sanitize_model_name(pretrained, full_path=True)
