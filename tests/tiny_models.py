@@ -131,15 +131,26 @@ def build_tiny_llava_onevision(path: str | Path, num_layers: int = 4, seed: int 
     return _save(path, model, processor)
 
 
+def qwen_tokenizer():
+    """The tiny tokenizer with the Qwen chat template, and the config's visual token ids."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    return tokenizer, dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
 def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 4, seed: int = 0) -> Path:
     """A Qwen2VLForConditionalGeneration (``version="2"``) or Qwen2_5_VL one ("2.5"): multimodal
     rotary positions (3-row position ids), image and video pad tokens."""
     import transformers
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    tokenizer, token_ids = qwen_tokenizer()
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -172,10 +183,7 @@ def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 
     config = config_class(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **token_ids,
     )
     model = model_class(config).eval()
     pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -195,9 +203,7 @@ def build_tiny_qwen3_vl(path: str | Path, num_layers: int = 4, seed: int = 0) ->
     import transformers
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    tokenizer, token_ids = qwen_tokenizer()
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=3,
@@ -212,10 +218,7 @@ def build_tiny_qwen3_vl(path: str | Path, num_layers: int = 4, seed: int = 0) ->
     config = transformers.Qwen3VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **token_ids,
     )
     model = transformers.Qwen3VLForConditionalGeneration(config).eval()
     pixels = dict(patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128)

@@ -225,9 +225,13 @@ class VTWBackend(lmms):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues every row at the right end
 
+    def backend_name(self) -> str:
+        """The ``--model`` name this class is registered under."""
+        return next(name for name, path in BACKENDS.items() if path.endswith(f".{type(self).__name__}"))
+
     def calibration_command(self) -> str:
         """The command that writes this backend's calibration file, ready to paste."""
-        model = next(name for name, path in BACKENDS.items() if path.endswith(f".{type(self).__name__}"))
+        model = self.backend_name()
         return (
             f"lmms-eval --model {model} --model_args pretrained={self.pretrained},withdraw_layer=none,"
             f"calibration={self.calibration_file} --tasks vtw_calibration --include_path {TASKS_DIR}"
@@ -310,7 +314,7 @@ class VTWBackend(lmms):
 
     def per_task_command(self, task: str) -> str:
         """The command that (re)calibrates ``task``'s own K, ready to paste."""
-        model = next(name for name, path in BACKENDS.items() if path.endswith(f".{type(self).__name__}"))
+        model = self.backend_name()
         return (
             f"lmms-eval --model {model} --model_args pretrained={self.pretrained},withdraw_layer=auto,"
             f"calibrate_per_task={self.calibrate_per_task or 20},kl_tokens={self.kl_tokens},"
