@@ -58,8 +58,13 @@ def prompt(processor, text: str, num_images: int) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0) -> dict:
-    """Processor inputs for a batch of (question, number of images) prompts, left-padded."""
+def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, sizes: list | None = None) -> dict:
+    """Processor inputs for a batch of (question, number of images) prompts, left-padded; with
+    ``sizes``, row i's pictures are ``sizes[i]`` (width, height) pixels."""
     texts = [prompt(processor, text, count) for text, count in texts_and_counts]
-    images = [picture(seed + i) for i, (_, count) in enumerate(texts_and_counts) for _ in range(count)]
+    images = [
+        picture(seed + i, *([sizes[i]] if sizes else []))
+        for i, (_, count) in enumerate(texts_and_counts)
+        for _ in range(count)
+    ]
     return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))

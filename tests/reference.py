@@ -1,8 +1,9 @@
 """A naive VTW forward, written independently of vtw_eval.engine, to test it against.
 
 Layers < K run on the full sequence (taken from the unmodified model's hidden states); layers
->= K run on the kept sub-sequence with the original position ids, a hand-made causal mask and no
-KV cache; then the final norm and the LM head.
+>= K run on the kept sub-sequence with the original position ids, a hand-made causal mask (none
+for a recurrent layer, which runs over the kept tokens in order) and no KV cache; then the final
+norm and the LM head.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ def reference_vtw_logits(model, inputs: dict, withdraw_layer: int, keep: torch.T
     position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids[..., kept_positions])
     n = len(kept_positions)
     causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
-    for layer in language_model.layers[withdraw_layer:]:
-        hidden = layer(hidden, attention_mask=causal, position_embeddings=position_embeddings)
+    layer_types = getattr(language_model.config, "layer_types", None) or ["full_attention"] * len(language_model.layers)
+    for index in range(withdraw_layer, len(language_model.layers)):
+        # A recurrent (linear attention) layer is causal by construction and takes no mask here.
+        mask = None if layer_types[index] == "linear_attention" else causal
+        hidden = language_model.layers[index](hidden, attention_mask=mask, position_embeddings=position_embeddings)
     return model.lm_head(language_model.norm(hidden)), kept_positions
 
 

@@ -1,4 +1,5 @@
-"""The exactness suite on LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL tiny random models."""
+"""The exactness suite on LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE) and Qwen3.5
+(dense, MoE) tiny random models."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import pytest
 import torch
 from conftest import NUM_LAYERS, encode, picture
 from reference import reference_vtw_logits, visual_ids
-from tiny_models import build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3_vl
+from tiny_models import QWEN3_FAMILIES, build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.backends.llava import VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
-from vtw_eval.backends.qwen3_vl import VTWQwen3VL
+from vtw_eval.backends.qwen3_vl import VTWQwen3_5, VTWQwen3VL
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in
 
 BUILDERS = {
     "llava_onevision": build_tiny_llava_onevision,
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
-    "qwen3_vl": build_tiny_qwen3_vl,  # DeepStack after decoder layers 0, 1, 2
+    # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
+    **{family: lambda path, family=family: build_tiny_qwen3(path, family) for family in QWEN3_FAMILIES},
 }
 QUESTION = "Is there a red square in the image ?"
 
@@ -32,7 +34,7 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-ADAPTERS = (VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL)
+ADAPTERS = (VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
 
 
 def load(path, attn_implementation: str = "sdpa"):
@@ -41,9 +43,13 @@ def load(path, attn_implementation: str = "sdpa"):
 
 def withdrawal(model, withdraw_layer):
     """The engine as the architecture's backend sets it up (the adapter says how decoding
-    positions are derived and which visual features the decoder adds between layers)."""
+    positions are derived, which visual features the decoder adds between layers and which
+    layers are recurrent)."""
     adapter = next(a for a in ADAPTERS if model.config.model_type in a.model_classes)
-    return VisualTokenWithdrawal(model, withdraw_layer, adapter.decoding_positions, adapter.injected_visual_features)
+    return VisualTokenWithdrawal(
+        model, withdraw_layer, adapter.decoding_positions, adapter.injected_visual_features,
+        adapter.recurrent_layer_types,
+    )  # fmt: skip
 
 
 def generate(model, inputs, **kwargs):
@@ -68,6 +74,7 @@ def test_every_layer_matches_naive_reference(tiny, num_images, attn_implementati
     model = load(path, attn_implementation)
     inputs = encode(processor, [(QUESTION, num_images)])
     assert torch.isin(inputs["input_ids"], torch.tensor(visual_ids(model.config))).sum() >= 4 * num_images
+    last = []
     for layer in range(NUM_LAYERS):
         expected, kept_positions = reference_vtw_logits(model, inputs, layer)
         vtw = withdrawal(model, layer)
@@ -75,6 +82,13 @@ def test_every_layer_matches_naive_reference(tiny, num_images, attn_implementati
         vtw.remove()
         assert vtw.plan.kept_positions[0].tolist() == kept_positions.tolist()
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        last.append(logits[0, -1])
+    for earlier, later in zip(last, last[1:]):  # the guard: every K gives other logits
+        assert (earlier - later).abs().max() > 1e-4
+
+
+def layer_types(model) -> list[str]:
+    return getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"] * NUM_LAYERS
 
 
 def with_tokens(inputs: dict, sequence: torch.Tensor) -> dict:
@@ -107,10 +121,13 @@ def test_cached_generation_equals_recompute(tiny, withdraw_layer):
     assert torch.equal(cached.sequences, sequence)
     for got, want in zip(cached.logits, step_logits):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    # What each layer's cache holds: every token below K, kept tokens only from K on.
+    # What each attention layer's cache holds: every token below K, kept tokens only from K on
+    # (a recurrent layer's states have no length: recomputing above proves what they saw).
     prompt_length = inputs["input_ids"].shape[1]
     visual = int(torch.isin(inputs["input_ids"], torch.tensor(suppress)).sum())
     for layer in range(NUM_LAYERS):
+        if layer_types(model)[layer] == "linear_attention":
+            continue
         expected = (prompt_length if layer < withdraw_layer else prompt_length - visual) + 4  # last token not fed back
         assert cache_in(cached).layers[layer].keys.shape[-2] == expected
 
@@ -120,11 +137,15 @@ def test_batch_equals_one_by_one(tiny, withdraw_layer):
     _, path, processor = tiny
     model = load(path)
     withdrawal(model, withdraw_layer)
-    rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
-    batch_inputs = encode(processor, rows)
+    # Rows with different numbers and sizes of images keep different numbers of tokens.
+    rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0), ("Is there a circle ?", 1)]
+    sizes = [(40, 30), (128, 128), (40, 30), (30, 60)]
+    batch_inputs = encode(processor, rows, sizes=sizes)
+    visual = torch.isin(batch_inputs["input_ids"], torch.tensor(visual_ids(model.config))).sum(1)
+    assert visual[1] != visual[3] and visual[0] > 0 == visual[2]  # one image each, of other sizes
     batch = generate(model, batch_inputs, output_logits=True, return_dict_in_generate=True)
     for index, row in enumerate(rows):
-        single_inputs = encode(processor, [row], seed=index)
+        single_inputs = encode(processor, [row], seed=index, sizes=[sizes[index]])
         single = generate(model, single_inputs, output_logits=True, return_dict_in_generate=True)
         answer = single.sequences[0, single_inputs["input_ids"].shape[1] :].tolist()
         assert batch.sequences[index, batch_inputs["input_ids"].shape[1] :].tolist() == answer + [3] * (5 - len(answer))
@@ -177,7 +198,10 @@ def test_kl_over_the_greedy_answer_equals_reference(tiny):
     extended, counted = with_greedy_answer(withdrawal(model, None), inputs, 3, eos_token_id=-1)  # no EOS: all count
     assert counted.shape == (1, 3) and counted.all()
     with torch.no_grad():  # the unmodified model's own greedy answer
-        answer = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=3)
+        answer = model.generate(
+            **inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=3,
+            suppress_tokens=visual_ids(model.config),
+        )  # fmt: skip
     assert torch.equal(extended["input_ids"], answer)
     kl = layer_kl_divergences(withdrawal(model, None), extended, counted)[0]
     with torch.no_grad():
@@ -192,7 +216,7 @@ def test_kl_over_the_greedy_answer_equals_reference(tiny):
 def test_qwen3_vl_deepstack_features_before_k_count(tmp_path):
     """DeepStack adds ViT features after decoder layers 0, 1, 2. Withdrawal at K keeps those
     before K (dropping them all would change the answer: the guard) and runs for K = 0..3."""
-    path = build_tiny_qwen3_vl(tmp_path / "qwen3_vl")
+    path = build_tiny_qwen3(tmp_path / "qwen3_vl", "qwen3_vl")
     processor = AutoProcessor.from_pretrained(path)
     model = load(path)
     inputs = encode(processor, [(QUESTION, 2)])
@@ -213,3 +237,14 @@ def test_qwen3_vl_deepstack_features_before_k_count(tmp_path):
             assert (with_features - dropped).abs().max() > 1e-4, layer
         else:  # K <= 1: no injection reaches a kept token
             torch.testing.assert_close(with_features, dropped, atol=1e-6, rtol=0)
+
+
+def test_an_undeclared_layer_type_is_refused(tmp_path):
+    """Layer kinds come from the adapter: Qwen3.5 without its recurrent type declared is refused
+    before any forward, not masked like an attention layer."""
+    model = load(build_tiny_qwen3(tmp_path / "qwen3_5", "qwen3_5"))
+    with pytest.raises(
+        ValueError, match=r"decoder layer 0 of Qwen3_5ForConditionalGeneration is of type 'linear_attention'"
+    ):
+        VisualTokenWithdrawal(model, 2, "from_attention_mask")
+    assert VisualTokenWithdrawal(model, 2, "from_attention_mask", None, ("linear_attention",)).num_layers == NUM_LAYERS

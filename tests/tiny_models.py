@@ -196,14 +196,32 @@ def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 
     return _save(path, model, processor)
 
 
-def build_tiny_qwen3_vl(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
-    """A Qwen3VLForConditionalGeneration: 16 px patches merged 2x2 (32 px per visual token),
-    interleaved multimodal rotary positions, and DeepStack: the features of ViT blocks 0, 1, 2
-    added at the visual positions after decoder layers 0, 1, 2."""
+# Qwen3-VL / Qwen3.5's chat format: system content as text parts (lmms-eval's chat backend sends
+# them so), and Qwen3.5's thinking switch after the assistant header.
+QWEN3_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking %}"
+    "<think>\n{% elif enable_thinking is defined %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
+)
+QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+def build_tiny_qwen3(path: str | Path, family: str = "qwen3_vl", num_layers: int = 4, seed: int = 0) -> Path:
+    """A Qwen3-VL or Qwen3.5 checkpoint, dense or MoE (``family`` is its model_type): 16 px patches
+    merged 2x2 (32 px per visual token), interleaved multimodal rotary positions, and
+
+    * Qwen3-VL: DeepStack, the features of ViT blocks 0, 1, 2 added at the visual positions after
+      decoder layers 0, 1, 2;
+    * Qwen3.5: Gated DeltaNet (linear attention) layers 0-2, full attention at layer 3 (one in
+      four), and the thinking switch in the chat template."""
     import transformers
 
+    if family not in QWEN3_FAMILIES:
+        raise ValueError(f"family={family!r}: use one of {QWEN3_FAMILIES}")
     torch.manual_seed(seed)
     tokenizer, token_ids = qwen_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])  # ordinary text to the tokenizer, as in Qwen3.5's
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=3,
@@ -213,19 +231,32 @@ def build_tiny_qwen3_vl(path: str | Path, num_layers: int = 4, seed: int = 0) ->
     )  # fmt: skip
     vision = dict(
         depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
-        num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2],
+        num_position_embeddings=16,
     )  # fmt: skip
-    config = transformers.Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        **token_ids,
-    )
-    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    if family.startswith("qwen3_5"):  # a quarter of the head is rotary: 4 of 16 dims, 2 frequencies
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [1, 1, 0], "partial_rotary_factor": 0.25}
+        text.update(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                    linear_num_key_heads=2, linear_num_value_heads=4)  # fmt: skip
+    else:
+        vision["deepstack_visual_indexes"] = [0, 1, 2]
+    if family.endswith("moe"):
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        if family == "qwen3_5_moe":
+            text.update(shared_expert_intermediate_size=32)
+    names = {
+        "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+        "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration"),
+        "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration"),
+        "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration"),
+    }[family]
+    config_class, model_class = (getattr(transformers, name) for name in names)
+    config = config_class(text_config=text, vision_config=vision, **token_ids)
+    model = model_class(config).eval()
     pixels = dict(patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128)
     processor = transformers.Qwen3VLProcessor(
         image_processor=transformers.Qwen2VLImageProcessor(**pixels),
         video_processor=transformers.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
         tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
+        chat_template=QWEN3_CHAT_TEMPLATE,
     )
     return _save(path, model, processor)

@@ -21,7 +21,7 @@ import datetime
 
 import torch
 
-from vtw_eval.engine import VisualTokenWithdrawal, plan_withdrawal, withdrawn_layer_mask
+from vtw_eval.engine import VisualTokenWithdrawal, plan_withdrawal
 
 DEFAULT_KL_THRESHOLD = 0.003
 
@@ -50,9 +50,11 @@ def with_greedy_answer(
         return inputs, torch.ones(batch, 1, dtype=torch.bool)
     saved, withdrawal.withdraw_layer = withdrawal.withdraw_layer, None
     try:
+        # A visual token id in the answer would be read as an image slot when the answer is fed
+        # back (a trained model does not emit one; a random one may).
         output = withdrawal.model.generate(
             **inputs, max_new_tokens=kl_tokens - 1, do_sample=False, num_beams=1,
-            eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+            eos_token_id=eos_token_id, pad_token_id=eos_token_id, suppress_tokens=withdrawal.visual_token_ids,
         )  # fmt: skip
     finally:
         withdrawal.withdraw_layer = saved
@@ -104,7 +106,7 @@ def every_layer_last_hidden(
         mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
         hidden = layer(
             hidden,
-            attention_mask=withdrawn_layer_mask(language_model.config, index, hidden, mask_2d, None),
+            attention_mask=withdrawal.layer_mask(index, hidden, mask_2d, None),
             position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
             position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
             use_cache=False,

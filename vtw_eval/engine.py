@@ -17,6 +17,13 @@ The engine is two kinds of forward pre-hook, nothing copied from or patched into
   adds at the visual positions after its first layers (Qwen3-VL's DeepStack) are kept for the
   layers before K only: after withdrawal there is no visual position left to add them to.
 
+Recurrent layers that an architecture declares (Qwen3.5's Gated DeltaNet ``linear_attention``)
+carry a convolution and a recurrent state instead of keys and values. From K on they run over
+the kept tokens in order, so their states hold the text only, and decoding continues those
+states; the spare slots of a row that keeps fewer tokens get the 2D padding mask transformers
+gives such layers for left padding (the layer zeroes those positions, so they leave the states
+untouched).
+
 All state lives on one ``VisualTokenWithdrawal`` object per model and describes the current
 batch only.
 """
@@ -28,7 +35,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
 
 
 @dataclass
@@ -117,6 +128,9 @@ def language_model_of(model: nn.Module) -> nn.Module:
 
 
 DECODING_POSITIONS = ("count", "from_attention_mask")
+# The layer types of ``config.layer_types`` whose masks are causal over the KV cache, by the
+# transformers function that builds them; a recurrent type maps to the 2D padding mask.
+ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 class VisualTokenWithdrawal:
@@ -140,6 +154,9 @@ class VisualTokenWithdrawal:
     layer i for its i-th entry (Qwen3-VL: ``deepstack_visual_embeds``). With withdrawal at K the
     entries for layers >= K have no position to go to and are left out; those before K are added
     exactly as in the unmodified model.
+
+    ``recurrent_layer_types`` names the entries of ``config.layer_types`` that are recurrent layers
+    (Qwen3.5: ``linear_attention``): they take the 2D padding mask instead of a causal one.
     """
 
     def __init__(
@@ -148,6 +165,7 @@ class VisualTokenWithdrawal:
         withdraw_layer: int | None,
         decoding_positions: str = "count",
         injected_visual_features: str | None = None,
+        recurrent_layer_types: tuple[str, ...] = (),
     ):
         if decoding_positions not in DECODING_POSITIONS:
             raise ValueError(f"decoding_positions={decoding_positions!r}; use one of {DECODING_POSITIONS}")
@@ -155,6 +173,15 @@ class VisualTokenWithdrawal:
         self.decoding_positions = decoding_positions
         self.language_model = language_model_of(model)
         self.num_layers = len(self.language_model.layers)
+        self.recurrent_layer_types = tuple(recurrent_layer_types)
+        for index in range(self.num_layers):  # refused now rather than masked wrongly later
+            kind = layer_mask_kind(self.language_model.config, index)
+            if kind not in ATTENTION_MASKS and kind not in self.recurrent_layer_types:
+                raise ValueError(
+                    f"decoder layer {index} of {type(model).__name__} is of type {kind!r}; VTW knows "
+                    f"{sorted(ATTENTION_MASKS)} and the recurrent types its adapter declares: "
+                    f"{self.recurrent_layer_types}"
+                )
         self.visual_token_ids = visual_token_ids_of(model.config)
         self.withdraw_layer = withdraw_layer
         self.plan: WithdrawalPlan | None = None  # of the current batch; None when nothing is withdrawn
@@ -292,29 +319,30 @@ class VisualTokenWithdrawal:
         """The attention mask of a withdrawn layer, built once per call and mask kind."""
         kind = layer_mask_kind(self.language_model.config, layer_index)
         if kind not in self._layer_masks:
-            self._layer_masks[kind] = withdrawn_layer_mask(
-                self.language_model.config, layer_index, hidden, self._reduced_2d_mask.to(hidden.device), cache
+            self._layer_masks[kind] = self.layer_mask(
+                layer_index, hidden, self._reduced_2d_mask.to(hidden.device), cache
             )
         return self._layer_masks[kind]
 
+    def layer_mask(self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache) -> torch.Tensor | None:
+        """The attention mask of decoder layer ``layer_index`` over a reduced sequence: built by
+        transformers' own mask functions, in the format the layer wants, sized against that
+        layer's cache (which holds the kept tokens only) or against no cache.
+
+        ``hidden`` is the layer's input (batch, tokens, features); ``mask_2d`` (batch, cached + tokens)
+        is False at padding and at the spare slots of rows that kept fewer tokens."""
+        config = self.language_model.config
+        kind = layer_mask_kind(config, layer_index)
+        if kind in self.recurrent_layer_types:  # the 2D padding mask of the new tokens, or None
+            return create_recurrent_attention_mask(config, hidden, mask_2d, cache)
+        # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
+        layer_idx = layer_index if cache is not None else None
+        return ATTENTION_MASKS[kind](config, hidden, mask_2d, cache, layer_idx=layer_idx)
+
 
 def layer_mask_kind(config, layer_index: int) -> str:
-    """``full_attention`` or ``sliding_attention``: which mask a decoder layer takes."""
+    """The layer's entry in ``config.layer_types`` (``full_attention``, ``sliding_attention``,
+    ``linear_attention``, ...); without that list, by whether the config has a sliding window."""
     if getattr(config, "layer_types", None) is not None:
         return config.layer_types[layer_index]
     return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-
-
-def withdrawn_layer_mask(
-    config, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache
-) -> torch.Tensor | None:
-    """The attention mask of decoder layer ``layer_index`` over a reduced sequence: built by
-    transformers' own mask functions, in the format the attention implementation wants, sized
-    against that layer's cache (which holds the kept tokens only) or against no cache.
-
-    ``hidden`` is the layer's input (batch, tokens, features); ``mask_2d`` (batch, cached + tokens)
-    is False at padding and at the spare slots of rows that kept fewer tokens."""
-    sliding = layer_mask_kind(config, layer_index) == "sliding_attention"
-    make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-    # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
-    return make_mask(config, hidden, mask_2d, cache, layer_idx=layer_index if cache is not None else None)

@@ -91,3 +91,10 @@ def withdraw_layer(value: Any, num_layers: int) -> int | None | str:
     if isinstance(value, bool) or not _is_integer_text(text) or not 0 <= int(text) <= num_layers:
         raise ValueError(f"withdraw_layer={value!r} is not accepted; use {accepted}")
     return int(text)
+
+
+def boolean(name: str, value: Any) -> bool | None:
+    """True or False (``--model_args`` turns true/false into them), or None: not given."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{name}={value!r} is not accepted; use true or false")

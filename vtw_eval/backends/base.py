@@ -96,6 +96,9 @@ class VTWBackend(lmms):
     model_classes: dict[str, type] = {}  # config.model_type -> transformers class, set by adapters
     decoding_positions = "count"  # how the model numbers decoding tokens (VisualTokenWithdrawal)
     injected_visual_features: str | None = None  # visual features added between decoder layers, if any
+    recurrent_layer_types: tuple[str, ...] = ()  # config.layer_types entries that are recurrent layers
+    default_generation_kwargs: dict = {}  # under the task's generation_kwargs, as the lmms-eval backend's
+    cuts_at_stop_strings = True  # answers end at the task's `until` strings, as lmms-eval's simple backends do
 
     def __init__(
         self,
@@ -144,7 +147,7 @@ class VTWBackend(lmms):
             device_map,
         )
         self.withdrawal = VisualTokenWithdrawal(
-            self._model, None, self.decoding_positions, self.injected_visual_features
+            self._model, None, self.decoding_positions, self.injected_visual_features, self.recurrent_layer_types
         )
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
         stem = calibration_file_stem(pretrained, self.identity)
@@ -583,15 +586,23 @@ class VTWBackend(lmms):
         return collator.get_original(results)
 
     def _generate(self, inputs: dict, gen_kwargs: dict, doc_ids: list, accounting: RequestAccounting) -> list[str]:
-        """Answers of one batch, each stopped while decoding at the task's stop strings; its cost
-        goes to ``accounting``."""
+        """Answers of one batch, each stopped while decoding at the task's stop strings (where the
+        adapter cuts answers at them); its cost goes to ``accounting``."""
+        gen_kwargs = {**self.default_generation_kwargs, **gen_kwargs}
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
+        if not self.cuts_at_stop_strings:
+            until = []
         temperature = float(gen_kwargs.pop("temperature", 0) or 0)
         do_sample = bool(gen_kwargs.pop("do_sample", False)) or temperature > 0
         pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         input_ids = inputs["input_ids"]
-        num_beams = int(gen_kwargs.pop("num_beams", 1))
+        num_beams = int(gen_kwargs.pop("num_beams", None) or 1)
+        sampling = {
+            "temperature": temperature,
+            "top_p": gen_kwargs.pop("top_p", None),
+            "top_k": gen_kwargs.pop("top_k", None),
+        }
         # Beam search reorders rows while decoding: its answers are cut at the stop strings afterwards.
         stop = StopAtStrings(self.tokenizer, input_ids.shape[1], until, self.eot_token_id, input_ids.shape[0])
         with CallTimer(self._model) as timer:
@@ -599,8 +610,7 @@ class VTWBackend(lmms):
                 **inputs,
                 max_new_tokens=int(gen_kwargs.pop("max_new_tokens", 1024)),
                 do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=gen_kwargs.pop("top_p", None) if do_sample else None,
+                **{key: value for key, value in sampling.items() if do_sample and value is not None},
                 num_beams=num_beams,
                 use_cache=self.use_cache,
                 pad_token_id=pad_token_id,
@@ -613,7 +623,7 @@ class VTWBackend(lmms):
         else:  # up to and including the first EOS
             finished = (new_tokens == self.eot_token_id).int().cumsum(1)
             generated = ((finished == 0) | ((finished == 1) & (new_tokens == self.eot_token_id))).sum(1).tolist()
-        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, generated)]
+        texts = [self.decode_answer(row[:n]) for row, n in zip(new_tokens, generated)]
         for stop_string in until:  # lmms-eval's stop sequences: cut each answer at the first one
             texts = [text.split(stop_string)[0] if stop_string else text for text in texts]
 
@@ -622,7 +632,15 @@ class VTWBackend(lmms):
             doc_ids, self._prompt_lengths(inputs), self._visual_counts(inputs), generated,
             self.withdrawal.withdraw_layer, timer, image_token_runs(input_ids, self.withdrawal.visual_token_ids[0]),
         )  # fmt: skip
-        return [text.strip() for text in texts]
+        return [self.finish_answer(text) for text in texts]
+
+    def decode_answer(self, tokens: torch.Tensor) -> str:
+        """An answer's text from its generated tokens."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def finish_answer(self, text: str) -> str:
+        """What lmms-eval receives, from the decoded answer cut at the stop strings."""
+        return text.strip()
 
     def _calibration_answers(self, inputs: dict[str, torch.Tensor], tasks: list[str]) -> list[str]:
         """A vtw_calibration request's answer: this prompt's KL per candidate layer, as JSON."""

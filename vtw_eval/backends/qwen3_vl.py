@@ -1,21 +1,168 @@
-"""Qwen3-VL (dense and MoE) with VTW: what the architecture declares to the engine.
+"""`vtw_qwen3_vl` and `vtw_qwen3_5`: Qwen3-VL and Qwen3.5 checkpoints (dense and MoE) with VTW.
 
-Its difference from Qwen2-VL is DeepStack: the vision tower also returns features of early ViT
-blocks, which the decoder adds at the visual positions after its first layers
-(``deepstack_visual_embeds``); the engine keeps those of the layers before K only.
+Prompts and visuals as lmms-eval 0.7.3's ``qwen3_vl`` and ``qwen3_5`` build them (``--model
+qwen3_vl`` runs its chat class, ``models/chat/qwen3_vl.py``): a system turn of one text part, then
+the user turn with the visuals before the task's text; images and videos resized by
+``qwen_vl_utils`` on a 32 px grid (16 px patches merged 2x2) and given to the processor with
+``do_resize=False``; answers decoded as they are (no cut at the task's ``until`` strings, no
+stripping) and, with ``enable_thinking``, what follows ``</think>``. The defaults are theirs,
+including the questionable ones (docs/backends.md says what to set).
 
-Not registered with lmms-eval yet: lmms-eval 0.7.3's ``qwen3_vl`` is a chat backend (messages,
-``qwen_vl_utils`` resizing, its own pixel budgets), and a ``vtw_qwen3_vl`` must build its prompts
-exactly so before it is offered (issue 26).
+What the architectures declare to the engine:
+
+* Qwen3-VL, DeepStack: the vision tower also returns features of early ViT blocks, which the
+  decoder adds at the visual positions after its first layers (``deepstack_visual_embeds``);
+  the engine keeps those of the layers before K only.
+* Qwen3.5, Gated DeltaNet: three of four decoder layers are ``linear_attention`` layers with a
+  convolution and a recurrent state; from K on they run over the kept tokens.
+* Both number decoding positions from the 2D attention mask (multimodal rotary positions).
 """
 
 from __future__ import annotations
 
-from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+import torch
+from PIL import Image
+from qwen_vl_utils import process_vision_info
+from transformers import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
+)
 
-from vtw_eval.backends.qwen2_vl import VTWQwen2VL
+from vtw_eval.backends import arguments
+from vtw_eval.backends.base import Visual, VTWBackend
+
+IMAGE_PATCH_SIZE = 16  # Qwen3-VL's and Qwen3.5's ViT patch; qwen_vl_utils resizes to multiples of twice it
 
 
-class VTWQwen3VL(VTWQwen2VL):
+class VTWQwen3VL(VTWBackend):
     model_classes = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
+    decoding_positions = "from_attention_mask"  # multimodal rotary positions follow the 2D mask
     injected_visual_features = "deepstack_visual_embeds"  # DeepStack, added after the first decoder layers
+    # lmms-eval's Qwen3_VL.DEFAULT_GEN_KWARGS, under the task's generation_kwargs.
+    default_generation_kwargs = {"max_new_tokens": 128, "temperature": 0.0, "top_p": None, "num_beams": 1}
+    cuts_at_stop_strings = False  # lmms-eval's chat qwen3_vl answers run to EOS or max_new_tokens
+
+    def __init__(
+        self,
+        pretrained: str,
+        min_pixels: int = 256 * 28 * 28,
+        max_pixels: int = 1605632,
+        total_pixels: int | None = None,
+        max_num_frames: int = 32,
+        fps: float | None = None,
+        image_min_pixels: int | None = None,
+        image_max_pixels: int | None = None,
+        system_prompt: str | None = "You are a helpful assistant.",
+        enable_thinking: bool | None = None,
+        **kwargs,
+    ) -> None:
+        # Video frame budgets, as lmms-eval's backend gives them to qwen_vl_utils (its chat class
+        # gives images none: qwen_vl_utils' own 4 to 16384 visual tokens, unless image_*_pixels).
+        self.video_kwargs = {"min_pixels": arguments.integer("min_pixels", min_pixels)}
+        max_num_frames = arguments.integer("max_num_frames", max_num_frames)
+        if fps is not None:
+            self.video_kwargs.update(fps=arguments.non_negative_float("fps", fps), max_frames=max_num_frames)
+        elif total_pixels is not None:
+            self.video_kwargs["max_frames"] = max_num_frames
+        else:
+            self.video_kwargs["nframes"] = max_num_frames
+        if total_pixels is not None:
+            self.video_kwargs["total_pixels"] = arguments.integer("total_pixels", total_pixels)
+        else:
+            self.video_kwargs["max_pixels"] = arguments.integer("max_pixels", max_pixels)
+        self.image_kwargs = {
+            name: arguments.integer(name, value)
+            for name, value in (("min_pixels", image_min_pixels), ("max_pixels", image_max_pixels))
+            if value is not None
+        }
+        self.system_prompt = system_prompt
+        self.enable_thinking = arguments.boolean("enable_thinking", enable_thinking)
+        super().__init__(pretrained, **kwargs)
+
+    def _video_frames(self, path: str) -> str:
+        """Videos stay paths: qwen_vl_utils reads and samples them, as in lmms-eval's backend."""
+        return path
+
+    def build_prompt(self, context: str, visuals: list[Visual]) -> str:
+        parts = [{"type": "image" if isinstance(v, Image.Image) else "video"} for v in visuals]
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": context}]})
+        thinking = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **thinking)
+
+    def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+        """Visuals resized (and videos read and sampled) by qwen_vl_utils, then the processor."""
+        elements = [
+            {"type": "image", "image": v, **self.image_kwargs}
+            if isinstance(v, Image.Image)
+            else {"type": "video", "video": v, **self.video_kwargs}
+            for v in visuals
+        ]
+        images, videos, video_kwargs = None, None, {}
+        if elements:
+            images, videos, video_kwargs = process_vision_info(
+                [{"role": "user", "content": elements}],
+                return_video_kwargs=True,
+                image_patch_size=IMAGE_PATCH_SIZE,
+                return_video_metadata=True,
+            )
+        metadata = None
+        if videos is not None:
+            videos, metadata = (list(column) for column in zip(*videos))
+        inputs = self.processor(
+            text=prompts,
+            images=images,
+            videos=videos,
+            video_metadata=metadata,
+            **{**self.video_kwargs, **video_kwargs},
+            do_resize=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
+        return {
+            key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
+            for key, value in inputs.items()
+        }
+
+    def decode_answer(self, tokens: torch.Tensor) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def finish_answer(self, text: str) -> str:
+        """With thinking on, the answer is what follows ``</think>`` (nothing when it never ends)."""
+        if self.enable_thinking:
+            return text.partition("</think>")[2].strip()
+        return text
+
+
+class VTWQwen3_5(VTWQwen3VL):
+    """Qwen3.5: lmms-eval's ``qwen3_5`` defaults (32 px budgets, long videos, thinking on, sampling)."""
+
+    model_classes = {"qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}
+    injected_visual_features = None  # no DeepStack in Qwen3.5
+    recurrent_layer_types = ("linear_attention",)  # Gated DeltaNet: conv + recurrent state, no KV cache
+    default_generation_kwargs = {"max_new_tokens": 1024, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+
+    def __init__(
+        self,
+        pretrained: str,
+        min_pixels: int = 64 * 32 * 32,
+        max_pixels: int = 128 * 32 * 32,
+        total_pixels: int | None = 224 * 1024 * 32 * 32,
+        max_num_frames: int = 768,
+        enable_thinking: bool | None = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            pretrained,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            total_pixels=total_pixels,
+            max_num_frames=max_num_frames,
+            enable_thinking=enable_thinking,
+            **kwargs,
+        )
