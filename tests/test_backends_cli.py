@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 from lmms_eval.api.instance import Instance
-from tiny_models import build_tiny_llava, build_tiny_llava_onevision, build_tiny_qwen2_vl
+from tiny_models import build_tiny_llava, build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3
 from transformers import AutoProcessor
 
 from vtw_eval.backends.qwen2_vl import VTWQwen2VL
@@ -23,6 +23,9 @@ BACKENDS = {
     "vtw_llava_onevision": build_tiny_llava_onevision,
     "vtw_qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "vtw_qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
+    # The dense Qwen3 models run in tests/test_lmms_eval_parity.py; here the mixtures of experts.
+    "vtw_qwen3_vl": lambda path: build_tiny_qwen3(path, "qwen3_vl_moe"),
+    "vtw_qwen3_5": lambda path: build_tiny_qwen3(path, "qwen3_5_moe"),
 }
 
 
@@ -56,8 +59,9 @@ def test_backend_cli_run_with_calibration_and_accounting(backend, tmp_path):
         0 < r["visual_tokens"] < r["prompt_tokens"] and r["kept_tokens"] == r["prompt_tokens"] - r["visual_tokens"]
         for r in records
     )
-    # The whole forward is modelled for LLaVA-1.5 (tested in test_cost) and Qwen2-VL, not for tiles or windows.
-    modelled = backend == "vtw_qwen2_vl"  # vtw_llava runs LLaVA-NeXT here
+    # The whole forward is modelled for LLaVA-1.5 (tested in test_cost), Qwen2-VL and the Qwen3
+    # family, not for tiles or windows.
+    modelled = backend in ("vtw_qwen2_vl", "vtw_qwen3_vl", "vtw_qwen3_5")  # vtw_llava runs LLaVA-NeXT here
     assert all(("prefill_flops_whole_model_vtw" in r) == modelled for r in records)
     assert ("avg_prefill_flops_whole_model_saved" in results["throughput"]) == modelled
 
@@ -101,3 +105,61 @@ def test_qwen2_vl_backend_reads_a_video_file(tmp_path):
     inputs = processor(videos=[frames], text=[lm.build_prompt("What colour is it ?", [frames])], return_tensors="pt")
     assert record["visual_tokens"] == int((inputs["input_ids"] == lm.model.config.video_token_id).sum()) == 8
     assert "prefill_flops_whole_model_vtw" not in record  # a video's frames are not known from its tokens
+
+
+def test_qwen3_vl_video_answers_as_lmms_eval_backend(tmp_path):
+    """A video doc: read and sampled by qwen_vl_utils with the frame budget, as lmms-eval's chat
+    qwen3_vl does (compared in-process: its CLI reads videos only from hub datasets)."""
+    from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
+
+    from vtw_eval.backends.qwen3_vl import VTWQwen3VL
+
+    path = str(build_tiny_qwen3(tmp_path / "model", "qwen3_vl"))
+    videos = [write_video(tmp_path / f"clip{seed}.mp4", frames=8 - 2 * seed) for seed in range(2)]
+    budget = dict(max_num_frames=4, min_pixels=2 * 32 * 32, max_pixels=64 * 64)
+    question = "What colour is it ?"
+    docs = [{"video": video} for video in videos]
+    metadata = {"task": "video", "doc_id": 0, "repeats": 1}
+    gen_kwargs = {"max_new_tokens": 4, "temperature": 0}
+
+    def messages(doc):
+        return [
+            {"role": "user", "content": [{"type": "video", "url": doc["video"]}, {"type": "text", "text": question}]}
+        ]
+
+    theirs = Qwen3_VL(pretrained=path, device="cpu", device_map="cpu", **budget)
+    theirs.task_dict = {"video": {"test": docs}}
+    chat = [
+        Instance("generate_until", (question, messages, gen_kwargs, i, "video", "test"), 0, metadata) for i in (0, 1)
+    ]
+    expected = [result.text for result in theirs.generate_until(chat)]
+
+    ours = VTWQwen3VL(pretrained=path, withdraw_layer="none", dtype="bfloat16", device="cpu", **budget)
+    ours.task_dict = {"video": {"test": docs}}
+    simple = [
+        Instance("generate_until", (question, gen_kwargs, lambda doc: [doc["video"]], i, "video", "test"), 0, metadata)
+        for i in (0, 1)
+    ]
+    assert ours.generate_until(simple) == expected
+    inputs = ours._batch_inputs([request.args for request in simple[:1]])
+    assert int((inputs["input_ids"] == ours.model.config.video_token_id).sum()) > 0
+    withdrawn = VTWQwen3VL(pretrained=path, withdraw_layer=0, dtype="bfloat16", device="cpu", **budget)
+    withdrawn.task_dict = ours.task_dict
+    assert withdrawn.generate_until(simple) != expected  # the guard: the video tokens mattered
+
+
+def test_qwen3_answers_and_arguments(tmp_path):
+    """Thinking: the answer is what follows </think>, nothing when it never ends (lmms-eval's
+    qwen3_5 rule); off, the text as decoded. A bad switch is refused by name."""
+    from vtw_eval.backends.qwen3_vl import VTWQwen3_5
+
+    path = build_tiny_qwen3(tmp_path / "model", "qwen3_5")
+    thinking = VTWQwen3_5(pretrained=str(path), device="cpu")
+    assert thinking.finish_answer("plan it </think>\n\n Yes ") == "Yes"
+    assert thinking.finish_answer("still thinking") == ""
+    assert "<think>\n" in thinking.build_prompt("Is it red ?", [])
+    plain = VTWQwen3_5(pretrained=str(path), device="cpu", enable_thinking=False)
+    assert plain.finish_answer(" Yes </think> no") == " Yes </think> no"
+    assert plain.build_prompt("Is it red ?", []).endswith("<think>\n\n</think>\n\n")
+    with pytest.raises(ValueError, match=r"enable_thinking='maybe' is not accepted; use true or false"):
+        VTWQwen3_5.create_from_arg_string(f"pretrained={path},device=cpu,enable_thinking=maybe")

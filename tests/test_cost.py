@@ -12,7 +12,7 @@ from transformers import LlavaConfig, Qwen2Config
 
 from vtw_eval.accounting import image_token_runs
 from vtw_eval.cost import DecoderGeometry, Qwen2VLWholeModel, WholeModel, analytic_prefill_speedup, whole_model_of
-from vtw_eval.engine import cache_in
+from vtw_eval.engine import VisualTokenWithdrawal, cache_in
 
 LLAVA_7B = DecoderGeometry(
     num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128
@@ -102,10 +102,14 @@ def test_out_of_range_layer_is_refused():
 
 
 def cache_bytes(cache) -> int:
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        for layer in cache.layers
-    )
+    """Every tensor the cache holds: keys and values, or a recurrent layer's states."""
+    tensors = []
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            tensors += [*layer.conv_states.values(), *layer.recurrent_states.values()]
+        else:
+            tensors += [layer.keys, layer.values]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
 
 
 @pytest.mark.parametrize("withdraw_layer", [1, "none"])
@@ -257,3 +261,141 @@ def test_qwen2_vl_whole_model_flops_equal_torchs_flop_counter(tmp_path, withdraw
     assert image_tokens == (inputs["image_grid_thw"].prod(-1) // 4).tolist() and len(set(image_tokens)) == 2
     whole = whole_model_of(model.config)
     assert counter.get_total_flops() == whole.prefill_flops(inputs["input_ids"].shape[1], image_tokens, withdraw_layer)
+
+
+QWEN3_5_4B = DecoderGeometry.from_config(
+    __import__("transformers").Qwen3_5TextConfig(
+        hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+    )
+)  # fmt: skip
+
+
+def test_gated_deltanet_layers_by_hand():
+    """Qwen3.5-4B's geometry: 24 Gated DeltaNet layers and 8 gated attention layers (every 4th)."""
+    g = QWEN3_5_4B
+    assert [g.is_linear(i) for i in range(4)] == [True, True, True, False] and g.attention_output_gate
+    d, mlp = 2560, 6 * 2560 * 9216
+    # Linear layer per token: qkv 2*d*(2*2048 + 4096), z 2*d*4096, a and b 2*d*32 each, out 2*4096*d;
+    # the convolution, 2*4*8192 per output, computes 3 more outputs than tokens in prefill.
+    linear_token = 2 * d * 8192 + 2 * d * 4096 + 2 * 2 * d * 32 + 2 * 4096 * d
+    assert g.token_flops(0) == linear_token + mlp
+
+    def conv(n):
+        return 2 * 4 * 8192 * (n + 3)
+
+    # Attention layer per token: q and its gate 2*d*2*4096, k and v 2*d*1024 each, o 2*4096*d.
+    attention_token = 2 * d * 8192 + 2 * 2 * d * 1024 + 2 * 4096 * d
+    assert g.token_flops(3) == attention_token + mlp
+    # Delta rule over 700 tokens = 11 chunks of 64, per value head: 4*64^2*128 + 2*64^2*128 + 6*64*128^2.
+    chunks = 32 * 11 * (4 * 64 * 64 * 128 + 2 * 64 * 64 * 128 + 6 * 64 * 128 * 128)
+    assert g.layer_flops(700, 0) == 700 * (linear_token + mlp) + conv(700) + chunks
+    assert g.layer_flops(700, 3) == 700 * (attention_token + mlp) + 700 * 700 * 4 * 4096
+    one_chunk = 32 * (4 * 64 * 64 * 128 + 2 * 64 * 64 * 128 + 6 * 64 * 128 * 128)
+    k8 = 6 * (700 * (linear_token + mlp) + conv(700) + 11 * one_chunk)
+    k8 += 2 * (700 * (attention_token + mlp) + 700**2 * 4 * 4096)
+    k8 += 18 * (124 * (linear_token + mlp) + conv(124) + 2 * one_chunk)
+    k8 += 6 * (124 * (attention_token + mlp) + 124**2 * 4 * 4096)
+    assert g.prefill_flops(700, 576, 8) == k8
+    # Decoding after 700 tokens: a linear layer convolves its last 4 inputs, reads and writes its
+    # state, 6*128*128 per value head.
+    linear_step = linear_token + mlp + 2 * 4 * 8192 + 32 * 6 * 128 * 128
+    assert g.decode_step_flops(700, 576, 8) == 24 * linear_step + 8 * (attention_token + mlp) + 4 * 4096 * (
+        2 * 701 + 6 * 125
+    )
+    # The cache: keys and values of 8 attention layers; per linear layer 8192 conv channels x 4 inputs
+    # (bf16) and 32 float32 states of 128 x 128, whatever K.
+    states = 24 * (8192 * 4 * 2 + 32 * 128 * 128 * 4)
+    assert g.recurrent_state_bytes(2) == states
+    assert g.kv_cache_bytes(700, 576, None, 2) == 8 * 700 * 2 * 1024 * 2 + states
+    assert g.kv_cache_bytes(700, 576, 0, 2) == 8 * 124 * 2 * 1024 * 2 + states
+
+
+def test_mixture_of_experts_mlp_by_hand():
+    from transformers import Qwen3_5MoeTextConfig, Qwen3VLMoeTextConfig
+
+    vl = DecoderGeometry.from_config(
+        Qwen3VLMoeTextConfig(hidden_size=2048, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
+                             head_dim=128, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                             mlp_only_layers=[1])
+    )  # fmt: skip
+    assert vl.expert_layers == (0, 2, 3) and not vl.attention_output_gate
+    attention = 2 * 2048 * (2 * 4096 + 2 * 512)
+    assert vl.token_flops(0) == attention + 2 * 2048 * 128 + 8 * 6 * 2048 * 768  # router, 8 active experts
+    assert vl.token_flops(1) == attention + 6 * 2048 * vl.intermediate_size  # a dense layer
+    moe = DecoderGeometry.from_config(
+        Qwen3_5MoeTextConfig(hidden_size=2048, num_hidden_layers=4, moe_intermediate_size=512, num_experts=256,
+                             num_experts_per_tok=8, shared_expert_intermediate_size=512)
+    )  # fmt: skip
+    shared = 6 * 2048 * 512 + 2 * 2048  # the shared expert and its one-output gate
+    assert moe.mlp_flops(0) == 2 * 2048 * 256 + 8 * 6 * 2048 * 512 + shared
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_qwen3_whole_model_flops_equal_torchs_flop_counter(tmp_path, family):
+    """Qwen3-VL's ViT with its DeepStack mergers, Qwen3.5's Gated DeltaNet layers (a prompt over
+    two chunks of the delta rule), the experts: one prefill with logits_to_keep=1 at K = 2,
+    counted by PyTorch."""
+    from conftest import picture
+    from tiny_models import build_tiny_qwen3
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtw_eval.backends.qwen3_vl import VTWQwen3_5, VTWQwen3VL
+
+    path = build_tiny_qwen3(tmp_path / family, family)
+    # Eager experts: one matrix product per expert, which the counter sees (grouped kernels it does not).
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Is there a red square ? " * 12}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [picture(0, size=(64, 64)), picture(1, size=(96, 128))]
+    inputs = processor(images=images, text=[text], return_tensors="pt")
+    adapter = VTWQwen3_5 if family.startswith("qwen3_5") else VTWQwen3VL
+    VisualTokenWithdrawal(
+        model, 2, "from_attention_mask", adapter.injected_visual_features, adapter.recurrent_layer_types
+    )
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    image_tokens = image_token_runs(inputs["input_ids"], model.config.image_token_id)[0]
+    assert image_tokens == (inputs["image_grid_thw"].prod(-1) // 4).tolist() and len(set(image_tokens)) == 2
+    tokens = inputs["input_ids"].shape[1]
+    assert tokens - sum(image_tokens) > 64  # the kept tokens span two chunks of the delta rule
+    whole = whole_model_of(model.config)
+    assert whole.mergers == (4 if family.startswith("qwen3_vl") else 1)
+    assert counter.get_total_flops() == whole.prefill_flops(tokens, image_tokens, 2)
+
+
+@pytest.mark.parametrize("withdraw_layer", [1, "none"])
+def test_qwen3_5_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
+    """Keys and values of the attention layer (kept tokens only from K on) and the fixed-size
+    states of the three Gated DeltaNet layers, bfloat16 with float32 recurrent states."""
+    from conftest import picture
+    from lmms_eval.api.instance import Instance
+    from tiny_models import build_tiny_qwen3
+
+    from vtw_eval.backends.qwen3_vl import VTWQwen3_5
+
+    accounting_file = tmp_path / "requests.jsonl"
+    lm = VTWQwen3_5(
+        pretrained=str(build_tiny_qwen3(tmp_path / "model", "qwen3_5")), withdraw_layer=withdraw_layer,
+        device="cpu", dtype="bfloat16", accounting_file=str(accounting_file),
+    )  # fmt: skip
+    caches = []
+    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_in(kw)), with_kwargs=True)
+    lm.task_dict = {"tiny": {"test": [{"image": picture(0, (96, 64))}]}}
+    arguments = ("Is it red ?", {"max_new_tokens": 4, "temperature": 0}, lambda doc: [doc["image"]], 0, "tiny", "test")
+    lm.generate_until(
+        [Instance("generate_until", arguments, idx=0, metadata={"task": "tiny", "doc_id": 0, "repeats": 1})]
+    )
+    (record,) = [json.loads(line) for line in accounting_file.read_text().splitlines()]
+    geometry = DecoderGeometry.from_config(lm.model.config)
+    assert record["recurrent_state_bytes"] == geometry.recurrent_state_bytes(2) > 0
+    key = "kv_cache_bytes_baseline" if withdraw_layer == "none" else "kv_cache_bytes_vtw"
+    assert record[key] == cache_bytes(caches[-1])
+    if withdraw_layer == 1:  # the attention layer's keys shrink; the states do not
+        saved = record["kv_cache_bytes_baseline"] - record["kv_cache_bytes_vtw"]
+        assert saved == record["visual_tokens"] * 2 * 2 * 16 * 2  # K=1: layer 3's keys and values, 2 heads of 16

@@ -71,3 +71,29 @@ def test_per_task_calibration_two_processes_equal_one(tiny_llava_path, tmp_path)
         json.loads(line) for f in (tmp_path / "p2").glob("requests.rank*.jsonl") for line in f.read_text().splitlines()
     ]
     assert len(records) == 16 and {r["withdraw_layer"] for r in records} == {one["withdraw_layer"]}
+
+
+def test_qwen3_5_per_task_calibration_two_processes_equal_one(tmp_path):
+    """Qwen3.5 (Gated DeltaNet layers) with withdraw_layer=auto, its task's K calibrated on the
+    greedy answer over both ranks' docs: the K and the answers of one process."""
+    from tiny_models import build_tiny_qwen3
+
+    path = build_tiny_qwen3(tmp_path / "model", "qwen3_5")
+    runs, files = {}, {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        model_args = (
+            f"pretrained={path},withdraw_layer=auto,calibrate_per_task=6,kl_tokens=2,kl_threshold=0.5,"
+            f"enable_thinking=False,device=cpu,calibration_dir={out}/calibration"
+        )
+        runs[processes] = run_lmms_eval(
+            "vtw_qwen3_5", model_args, "vtw_tiny_mme", out, "--batch_size", "3", "--log_samples", processes=processes
+        )
+        files[processes] = json.loads(next((out / "calibration").glob("*.json")).read_text())["per_task"]
+    one, two = files[1]["vtw_tiny_mme"], files[2]["vtw_tiny_mme"]
+    assert one["num_samples"] == two["num_samples"] == 6
+    assert one["withdraw_layer"] == two["withdraw_layer"] < 4  # withdrawal on: the answers below have teeth
+    for a, b in zip(one["mean_kl"], two["mean_kl"]):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(a))
+    assert answers(runs[1], "vtw_tiny_mme") == answers(runs[2], "vtw_tiny_mme")
+    assert len(set(map(str, answers(runs[1], "vtw_tiny_mme").values()))) > 2

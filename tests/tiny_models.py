@@ -235,8 +235,11 @@ def build_tiny_qwen3(path: str | Path, family: str = "qwen3_vl", num_layers: int
     )  # fmt: skip
     if family.startswith("qwen3_5"):  # a quarter of the head is rotary: 4 of 16 dims, 2 frequencies
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [1, 1, 0], "partial_rotary_factor": 0.25}
+        # Wider weights and slowly decaying recurrent states: at the default initialisation a tiny
+        # random Qwen3.5 gives every prompt the same answer in bfloat16.
         text.update(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                    linear_num_key_heads=2, linear_num_value_heads=4)  # fmt: skip
+                    linear_num_key_heads=2, linear_num_value_heads=4, initializer_range=0.2)  # fmt: skip
+        vision["initializer_range"] = 1.0
     else:
         vision["deepstack_visual_indexes"] = [0, 1, 2]
     if family.endswith("moe"):
@@ -252,6 +255,9 @@ def build_tiny_qwen3(path: str | Path, family: str = "qwen3_vl", num_layers: int
     config_class, model_class = (getattr(transformers, name) for name in names)
     config = config_class(text_config=text, vision_config=vision, **token_ids)
     model = model_class(config).eval()
+    for name, parameter in model.named_parameters():
+        if name.endswith("linear_attn.A_log"):
+            parameter.data.fill_(-6.0)  # decay rate A = exp(-6) per token: the state remembers the prompt
     pixels = dict(patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128)
     processor = transformers.Qwen3VLProcessor(
         image_processor=transformers.Qwen2VLImageProcessor(**pixels),

@@ -1,5 +1,5 @@
-"""What a LLaMA-style decoder costs, with and without visual tokens withdrawn before layer K,
-and what the whole LLaVA-1.5 or Qwen2-VL forward costs around it.
+"""What a decoder costs, with and without visual tokens withdrawn before layer K, and what the
+whole LLaVA-1.5, Qwen2-VL, Qwen3-VL or Qwen3.5 forward costs around it.
 
 Conventions (papers count three incompatible ways; this is VTW's own, "true FLOPs"):
 - 2 FLOPs per multiply-add, matrix products only (norms, activations and softmax are left out,
@@ -11,8 +11,16 @@ Conventions (papers count three incompatible ways; this is VTW's own, "true FLOP
 - attention 2*2*q FLOPs per (query, key) pair (scores and weighted values); prefill counts the full
   n x n matrix, as calflops does for VTW's figures (causal kernels compute about half);
 - for LLaVA-1.5-7B (d=4096, m=11008, 32 layers) and 651 prompt tokens this gives 8.65 TFLOPs,
-  and 4.81 TFLOPs with K=16 (VTW reports 8.48 and 4.68 with calflops).
-KV-cache bytes: keys and values, kv_heads*head_dim each per token and layer, at the cache dtype.
+  and 4.81 TFLOPs with K=16 (VTW reports 8.48 and 4.68 with calflops);
+- Qwen3.5's attention layers: q_proj also yields an output gate (2*d*2*q); a mixture-of-experts
+  MLP: the router 2*d*E, the active experts k*2*3*d*m_e, a shared expert and its gate;
+- a Gated DeltaNet (``linear_attention``) layer: per token its projections (q, k, v, the gate z,
+  the rates a and b, out), and the depthwise convolution 2*kernel*channels; in prefill the
+  chunked delta rule (``LinearAttention.prefill_mixing_flops``: chunks of 64, its matrix products
+  as transformers runs them), in decoding the recurrent one, 6*dk*dv per value head and token.
+KV-cache bytes: keys and values, kv_heads*head_dim each per token and attention layer, at the
+cache dtype; a recurrent layer's states (convolution inputs, a float32 dk x dv state per value
+head) have a fixed size, so withdrawal saves none of them.
 Whole forward (LLaVA-1.5: a CLIP or SigLIP ViT runs once per image; its patch tokens, without
 CLIP's class token, go through a two-layer MLP projector): per image the patch convolution
 2*patches*(channels*patch^2)*h and, per tower layer over t tokens, 8*t*h^2 + 4*t*h*m + 4*t^2*h
@@ -23,12 +31,79 @@ Whole forward (Qwen2-VL: its ViT runs once per image over n = v*s^2 patches, s t
 attention within the image; the merger's MLP maps each s x s group of patches to one visual
 token): per image the patch convolution 2*n*(channels*temporal_patch*patch^2)*e, per block
 8*n*e^2 + 4*n*e*m + 4*n^2*e, the merger 2*(n/s^2)*(s^2*e)^2 + 2*(n/s^2)*(s^2*e)*d; the LM head
-as above. Images only: a video's patch grid (frames) is not known from its token count.
+as above. Qwen3-VL and Qwen3.5 the same (their ViT MLP is e -> m -> e), Qwen3-VL with one more
+merger per DeepStack block. Images only: a video's patch grid (frames) is not known from its
+token count.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LinearAttention:
+    """A Gated DeltaNet layer's token mixer (Qwen3.5's ``linear_attention``): value heads of
+    ``value_head_dim``, key heads of ``key_head_dim`` (each serving several value heads), a depthwise
+    causal convolution of ``conv_kernel`` over q, k and v, and the delta rule over chunks."""
+
+    key_heads: int
+    value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+    chunk_size: int = 64  # the chunked delta rule's chunk (transformers' and flash-linear-attention's)
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_head_dim + self.value_heads * self.value_head_dim
+
+    def token_flops(self, hidden_size: int) -> int:
+        """One token's projections: q, k, v; the output gate z; the decay and update rates a, b; out."""
+        d, values = hidden_size, self.value_heads * self.value_head_dim
+        return 2 * d * (self.conv_channels + values + 2 * self.value_heads) + 2 * values * d
+
+    def prefill_mixing_flops(self, num_tokens: int) -> int:
+        """The depthwise causal convolution over ``num_tokens`` (it computes kernel - 1 more outputs
+        than it keeps), then the chunked delta rule (``num_tokens`` padded to whole chunks of C): per
+        value head and chunk, k_beta k^T and q k^T (2 * 2 C^2 dk), the intra-chunk output (2 C^2 dv),
+        reading the state twice and writing it once (3 * 2 C dk dv). The two unit-triangular solves
+        per chunk (C^2 (dk + dv)) are not counted, as FLOP counters do not count them."""
+        c, dk, dv = self.chunk_size, self.key_head_dim, self.value_head_dim
+        convolution = 2 * self.conv_kernel * self.conv_channels * (num_tokens + self.conv_kernel - 1)
+        chunks = -(-num_tokens // c)
+        return convolution + self.value_heads * chunks * (4 * c * c * dk + 2 * c * c * dv + 6 * c * dk * dv)
+
+    def decode_mixing_flops(self) -> int:
+        """One token: the convolution over its last ``conv_kernel`` inputs, then the recurrent delta
+        rule, per value head: read the state with the key, write the correction, read it with the
+        query (3 * 2 dk dv)."""
+        convolution = 2 * self.conv_kernel * self.conv_channels
+        return convolution + self.value_heads * 6 * self.key_head_dim * self.value_head_dim
+
+    def state_bytes(self, dtype_bytes: int) -> int:
+        """One sequence's states: the convolution's last ``conv_kernel`` inputs (cache dtype) and the
+        recurrent state, dk x dv per value head, kept in float32 (transformers and fla do). They do
+        not grow with the sequence, so withdrawal saves none of them."""
+        convolution = self.conv_channels * self.conv_kernel * dtype_bytes
+        return convolution + 4 * self.value_heads * self.key_head_dim * self.value_head_dim
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP: a router over ``num_experts``, ``experts_per_token`` gated experts
+    of width ``expert_intermediate`` per token, and an optional always-on shared expert with its
+    one-output gate (Qwen3.5-MoE)."""
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate: int
+    shared_intermediate: int = 0
+
+    def token_flops(self, hidden_size: int) -> int:
+        d = hidden_size
+        shared = 2 * 3 * d * self.shared_intermediate + 2 * d if self.shared_intermediate else 0
+        return 2 * d * self.num_experts + self.experts_per_token * 2 * 3 * d * self.expert_intermediate + shared
 
 
 @dataclass(frozen=True)
@@ -39,66 +114,120 @@ class DecoderGeometry:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    layer_types: tuple[str, ...] | None = None  # config.layer_types; None: every layer attends
+    attention_output_gate: bool = False  # q_proj also yields a per-channel output gate (Qwen3.5)
+    linear_attention: LinearAttention | None = None  # the geometry of the linear_attention layers
+    experts: Experts | None = None  # the MLP of the layers in ``expert_layers``
+    expert_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config) -> "DecoderGeometry":
         """From a transformers config: a text config, or a multimodal one holding ``text_config``."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
+        layer_types = tuple(text.layer_types) if getattr(text, "layer_types", None) else None
+        linear = None
+        if layer_types and "linear_attention" in layer_types:
+            linear = LinearAttention(
+                key_heads=text.linear_num_key_heads,
+                value_heads=text.linear_num_value_heads,
+                key_head_dim=text.linear_key_head_dim,
+                value_head_dim=text.linear_value_head_dim,
+                conv_kernel=text.linear_conv_kernel_dim,
+            )
+        experts, expert_layers = None, ()
+        if getattr(text, "num_experts", None):
+            experts = Experts(
+                num_experts=text.num_experts,
+                experts_per_token=text.num_experts_per_tok,
+                expert_intermediate=text.moe_intermediate_size,
+                shared_intermediate=getattr(text, "shared_expert_intermediate_size", 0) or 0,
+            )
+            # Qwen3-VL-MoE may keep dense MLPs in some layers (mlp_only_layers, decoder_sparse_step).
+            dense = set(getattr(text, "mlp_only_layers", None) or ())
+            step = getattr(text, "decoder_sparse_step", 1) or 1
+            expert_layers = tuple(i for i in range(text.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
         return cls(
             num_layers=text.num_hidden_layers,
             hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
+            intermediate_size=getattr(text, "intermediate_size", 0) or 0,
             num_heads=heads,
             num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            layer_types=layer_types,
+            attention_output_gate=text.model_type in ("qwen3_5_text", "qwen3_5_moe_text"),
+            linear_attention=linear,
+            experts=experts,
+            expert_layers=expert_layers,
         )
 
-    def token_flops(self) -> int:
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
+
+    def mlp_flops(self, layer: int) -> int:
+        """One token through one layer's MLP (gated: three matrices; or its active experts)."""
+        if self.experts is not None and layer in self.expert_layers:
+            return self.experts.token_flops(self.hidden_size)
+        return 2 * 3 * self.hidden_size * self.intermediate_size
+
+    def token_flops(self, layer: int = 0) -> int:
         """One token through one layer's linear maps (projections and MLP)."""
+        if self.is_linear(layer):
+            return self.linear_attention.token_flops(self.hidden_size) + self.mlp_flops(layer)
         d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return 2 * d * (2 * q + 2 * kv) + 2 * 3 * d * self.intermediate_size
+        q_out = 2 * q if self.attention_output_gate else q
+        return 2 * d * (q_out + q + 2 * kv) + self.mlp_flops(layer)
 
     def pair_flops(self) -> int:
-        """One (query, key) pair in one layer's attention."""
+        """One (query, key) pair in one attention layer."""
         return 2 * 2 * self.num_heads * self.head_dim
 
-    def _split(self, withdraw_layer: int | None) -> tuple[int, int]:
-        """(layers on the full sequence, layers on the kept tokens)."""
+    def _withdrawn(self, withdraw_layer: int | None) -> int:
+        """K: the first layer that runs on the kept tokens (L: none)."""
         k = self.num_layers if withdraw_layer is None else withdraw_layer
         if not 0 <= k <= self.num_layers:
             raise ValueError(f"withdraw_layer must be in 0..{self.num_layers} or None, got {withdraw_layer!r}")
-        return k, self.num_layers - k
+        return k
 
-    def layer_flops(self, num_tokens: int) -> int:
+    def layer_flops(self, num_tokens: int, layer: int = 0) -> int:
         """One layer's prefill over ``num_tokens`` tokens."""
-        return num_tokens * self.token_flops() + num_tokens * num_tokens * self.pair_flops()
+        if self.is_linear(layer):
+            mixing = self.linear_attention.prefill_mixing_flops(num_tokens)
+        else:
+            mixing = num_tokens * num_tokens * self.pair_flops()
+        return num_tokens * self.token_flops(layer) + mixing
 
     def prefill_flops(self, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> int:
-        full_layers, withdrawn_layers = self._split(withdraw_layer)
-        return full_layers * self.layer_flops(num_tokens) + withdrawn_layers * self.layer_flops(num_tokens - num_visual)
+        k = self._withdrawn(withdraw_layer)
+        return sum(
+            self.layer_flops(num_tokens if i < k else num_tokens - num_visual, i) for i in range(self.num_layers)
+        )
 
     def calibration_flops(self, num_tokens: int, num_visual: int, answer_tokens: int = 0) -> int:
         """Measuring one prompt's KL at every candidate K (calibration.py): with ``answer_tokens``
         > 0 the greedy answer's generation (a prefill and answer_tokens - 1 decoding steps), then one
         unmodified forward over prompt and answer, then layer j over the kept tokens of j + 1
-        candidates (L(L+1)/2 layer passes)."""
+        candidates (L(L+1)/2 layer passes; a recurrent layer runs the copies as a batch)."""
         generation = 0
         if answer_tokens:
             generation = self.prefill_flops(num_tokens, num_visual, None) + sum(
                 self.decode_step_flops(num_tokens + step, num_visual, None) for step in range(answer_tokens - 1)
             )
         total = num_tokens + answer_tokens
-        candidates = self.num_layers * (self.num_layers + 1) // 2 * self.layer_flops(total - num_visual)
+        candidates = sum((j + 1) * self.layer_flops(total - num_visual, j) for j in range(self.num_layers))
         return generation + self.prefill_flops(total, num_visual, None) + candidates
 
     def decode_step_flops(self, context: int, num_visual: int, withdraw_layer: int | None) -> int:
         """One new token after ``context`` tokens (prompt plus tokens generated so far)."""
-        full_layers, withdrawn_layers = self._split(withdraw_layer)
-        keys_full, keys_kept = context + 1, context + 1 - num_visual
-        return self.num_layers * self.token_flops() + self.pair_flops() * (
-            full_layers * keys_full + withdrawn_layers * keys_kept
-        )
+        k = self._withdrawn(withdraw_layer)
+        total = 0
+        for i in range(self.num_layers):
+            if self.is_linear(i):
+                mixing = self.linear_attention.decode_mixing_flops()
+            else:
+                mixing = self.pair_flops() * (context + 1 - (num_visual if i >= k else 0))
+            total += self.token_flops(i) + mixing
+        return total
 
     def decode_step_bytes(
         self,
@@ -109,18 +238,30 @@ class DecoderGeometry:
         batch_size: int = 1,
         vocab_size: int = 0,
     ) -> int:
-        """Bytes one decoding step reads from memory: every decoder weight matrix (and the LM
-        head's, ``vocab_size`` rows) once for the whole batch, and each row's KV cache after
-        ``context`` tokens. At small batches a step is memory-bound, so its time follows this."""
-        weights = self.num_layers * self.token_flops() // 2 + self.hidden_size * vocab_size
+        """Bytes one decoding step reads from memory: every decoder weight matrix a token uses (for
+        mixture-of-experts layers, one token's active experts: a lower bound at batch > 1) and the LM
+        head's, ``vocab_size`` rows, once for the whole batch; and each row's KV cache and recurrent
+        states after ``context`` tokens. At small batches a step is memory-bound, so its time follows this."""
+        weights = sum(self.token_flops(i) for i in range(self.num_layers)) // 2 + self.hidden_size * vocab_size
         cache = self.kv_cache_bytes(context, num_visual, withdraw_layer, dtype_bytes)
         return dtype_bytes * weights + batch_size * cache
 
     def kv_cache_bytes(self, num_tokens: int, num_visual: int, withdraw_layer: int | None, dtype_bytes: int) -> int:
-        """Cache size once ``num_tokens`` (prompt and generated) are cached."""
-        full_layers, withdrawn_layers = self._split(withdraw_layer)
+        """Cache size once ``num_tokens`` (prompt and generated) are cached: keys and values of the
+        attention layers, and the fixed-size states of the recurrent ones (``recurrent_state_bytes``)."""
+        k = self._withdrawn(withdraw_layer)
         per_token_layer = 2 * self.num_kv_heads * self.head_dim * dtype_bytes
-        return per_token_layer * (full_layers * num_tokens + withdrawn_layers * (num_tokens - num_visual))
+        attention = sum(
+            per_token_layer * (num_tokens if i < k else num_tokens - num_visual)
+            for i in range(self.num_layers)
+            if not self.is_linear(i)
+        )
+        return attention + self.recurrent_state_bytes(dtype_bytes)
+
+    def recurrent_state_bytes(self, dtype_bytes: int) -> int:
+        """The recurrent layers' states of one sequence, the same with and without withdrawal."""
+        linear_layers = sum(self.is_linear(i) for i in range(self.num_layers))
+        return linear_layers * self.linear_attention.state_bytes(dtype_bytes) if linear_layers else 0
 
 
 def analytic_prefill_speedup(
@@ -166,6 +307,8 @@ def request_figures(
         "kv_cache_bytes_baseline": baseline_kv,
         "kv_cache_bytes_vtw": vtw_kv,
         "kv_cache_saved": 1 - vtw_kv / baseline_kv,
+        # Recurrent layers' states, part of both cache figures: withdrawal does not shrink them.
+        **({"recurrent_state_bytes": states} if (states := geometry.recurrent_state_bytes(dtype_bytes)) else {}),
         **(
             whole_model_figures(whole, num_tokens, image_tokens, k)
             if whole is not None and image_tokens is not None and sum(image_tokens) == num_visual
@@ -250,7 +393,8 @@ class WholeModel:
 
 @dataclass(frozen=True)
 class Qwen2VLWholeModel:
-    """A Qwen2-VL model around its decoder: the ViT with its patch merger, and the LM head."""
+    """A Qwen2-VL, Qwen3-VL or Qwen3.5 model around its decoder: the ViT with its patch merger (and
+    Qwen3-VL's DeepStack mergers), and the LM head."""
 
     decoder: DecoderGeometry
     depth: int
@@ -261,20 +405,26 @@ class Qwen2VLWholeModel:
     in_channels: int
     spatial_merge: int
     vocab_size: int
+    mergers: int = 1  # Qwen3-VL: one more per DeepStack block, each the same MLP over merged patches
 
     @classmethod
     def from_config(cls, config) -> "Qwen2VLWholeModel":
         vision = config.vision_config
+        if config.model_type == "qwen2_vl":
+            embed_dim, mlp_hidden = vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio)
+        else:  # Qwen3-VL and Qwen3.5 name the ViT width hidden_size
+            embed_dim, mlp_hidden = vision.hidden_size, vision.intermediate_size
         return cls(
             decoder=DecoderGeometry.from_config(config),
             depth=vision.depth,
-            embed_dim=vision.embed_dim,
-            mlp_hidden=int(vision.embed_dim * vision.mlp_ratio),
+            embed_dim=embed_dim,
+            mlp_hidden=mlp_hidden,
             patch_size=vision.patch_size,
             temporal_patch_size=vision.temporal_patch_size,
             in_channels=vision.in_channels,
             spatial_merge=vision.spatial_merge_size,
             vocab_size=config.get_text_config().vocab_size,
+            mergers=1 + len(getattr(vision, "deepstack_visual_indexes", None) or ()),
         )
 
     def image_flops(self, visual_tokens: int) -> int:
@@ -284,7 +434,7 @@ class Qwen2VLWholeModel:
         convolution = 2 * n * self.in_channels * self.temporal_patch_size * self.patch_size**2 * e
         block = 8 * n * e * e + 4 * n * e * m + 4 * n * n * e
         merger = 2 * visual_tokens * (group * e) ** 2 + 2 * visual_tokens * group * e * self.decoder.hidden_size
-        return convolution + self.depth * block + merger
+        return convolution + self.depth * block + self.mergers * merger
 
     def head_flops(self, positions: int = 1) -> int:
         return 2 * positions * self.decoder.hidden_size * self.vocab_size
@@ -295,9 +445,13 @@ class Qwen2VLWholeModel:
         return around + self.decoder.prefill_flops(num_tokens, sum(image_tokens), withdraw_layer)
 
 
+QWEN_VIT_MODELS = ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
 def whole_model_of(config) -> WholeModel | Qwen2VLWholeModel | None:
-    """The whole-forward cost model of a config: LLaVA-1.5 (CLIP/SigLIP) or Qwen2-VL; None for the
-    others (LLaVA-NeXT's and OneVision's tiles, Qwen2.5-VL's windowed attention are not modelled)."""
-    if getattr(config, "model_type", None) == "qwen2_vl":
+    """The whole-forward cost model of a config: LLaVA-1.5 (CLIP/SigLIP), Qwen2-VL, Qwen3-VL or
+    Qwen3.5; None for the others (LLaVA-NeXT's and OneVision's tiles, Qwen2.5-VL's windowed
+    attention are not modelled)."""
+    if getattr(config, "model_type", None) in QWEN_VIT_MODELS:
         return Qwen2VLWholeModel.from_config(config)
     return WholeModel.from_config(config)

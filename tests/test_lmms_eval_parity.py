@@ -1,0 +1,48 @@
+"""At K = L the VTW backends answer as lmms-eval's own backend for the family, through the CLI.
+
+lmms-eval's ``qwen3_vl`` and ``qwen3_5`` (their chat classes, what ``--model qwen3_vl`` runs) load
+bfloat16; the VTW backend is given the same dtype. Answers are compared doc for doc on the tiny
+MME-format task, after a check that they differ across docs (a comparison of constant answers
+would prove nothing).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import build_tiny_qwen3
+
+from vtw_eval.run import run_lmms_eval
+
+FAMILIES = {
+    # lmms-eval backend: (VTW backend, tiny checkpoint family, model_args both take)
+    "qwen3_vl": ("vtw_qwen3_vl", "qwen3_vl", ""),
+    # Thinking off: a random model never closes its thinking, and every answer would be empty.
+    "qwen3_5": ("vtw_qwen3_5", "qwen3_5", ",enable_thinking=False"),
+}
+
+
+def answers(results_file) -> dict[int, list]:
+    samples = next(results_file.parent.glob("*_samples_vtw_tiny_mme.jsonl")).read_text().splitlines()
+    return {json.loads(s)["doc_id"]: json.loads(s)["filtered_resps"] for s in samples}
+
+
+@pytest.mark.parametrize("reference", sorted(FAMILIES))
+def test_no_withdrawal_answers_as_lmms_eval_backend(reference, tmp_path):
+    backend, family, shared_args = FAMILIES[reference]
+    path = build_tiny_qwen3(tmp_path / "model", family)
+    theirs = run_lmms_eval(
+        reference, f"pretrained={path},device=cpu,device_map=cpu{shared_args}", "vtw_tiny_mme", tmp_path / "theirs",
+        "--log_samples",
+    )  # fmt: skip
+    ours = run_lmms_eval(
+        backend,
+        f"pretrained={path},withdraw_layer=none,dtype=bfloat16,device=cpu,calibration_dir={tmp_path}/cal{shared_args}",
+        "vtw_tiny_mme",
+        tmp_path / "ours",
+        "--log_samples",
+    )
+    expected = answers(theirs)
+    assert len(expected) == 16 and len({str(a) for a in expected.values()}) > 4, expected
+    assert answers(ours) == expected
