@@ -1,8 +1,12 @@
 """What VTW saves, measured side by side with the baseline in one run and set against the
 analytic limit of vtw_eval.cost.
 
-A randomly initialised LLaVA with LLaVA-1.5-7B's layer count and 576 visual tokens plus a
-realistic prompt, width scaled to fit the machine (full width in bf16 on a GPU). Baseline and each
+``--architecture llava`` (the default): a randomly initialised LLaVA with LLaVA-1.5-7B's layer
+count and 576 visual tokens plus a realistic prompt, width scaled to fit the machine (full width
+in bf16 on a GPU). ``--architecture qwen3_5``: a random Qwen3.5-4B-like model, its 32 layers of
+which every fourth attends and the others are Gated DeltaNet layers, its head sizes (attention
+256, linear attention 128), one image of 576 visual tokens (768 x 768 px at 32 px per token),
+width scaled the same way. Baseline and each
 K are timed interleaved, after a warm-up, several times; medians and spread are printed:
 prefill latency, per-token decode latency, peak memory (GPU only), KV-cache bytes measured from
 the cache against the cost model. Then batch-size-8 vs batch-size-1 generation throughput on a
@@ -12,6 +16,7 @@ small model. Writes JSON and a PNG plot (speedup vs K) under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -21,8 +26,8 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from vtw_eval.cost import DecoderGeometry, WholeModel, analytic_prefill_speedup
-from vtw_eval.engine import VisualTokenWithdrawal, cache_in, cache_keyword
+from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup, whole_model_of
+from vtw_eval.engine import VisualTokenWithdrawal, cache_bytes, cache_in, cache_keyword, language_model_of
 from vtw_eval.files import write_atomically
 from vtw_eval.small_llava import llava_prompt, random_llava
 
@@ -33,8 +38,16 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> dict:
-    """One prefill and ``new_tokens`` greedy decoding steps with the KV cache."""
+def measure(model, inputs: dict, new_tokens: int, device: torch.device, continue_positions: bool = False) -> dict:
+    """One prefill and ``new_tokens`` greedy decoding steps with the KV cache. With
+    ``continue_positions`` each step gets the position ids after the prompt's, as generate gives
+    them (multimodal rotary positions: the model does not derive them from a direct call's mask)."""
+    positions = {}
+
+    def keep_prompt_positions(module, args, kwargs):
+        positions.setdefault("prompt", kwargs.get("position_ids"))
+
+    hook = language_model_of(model).register_forward_pre_hook(keep_prompt_positions, with_kwargs=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -42,25 +55,25 @@ def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> dict:
     output = model(**inputs, use_cache=True, logits_to_keep=1)
     sync(device)
     prefill = time.perf_counter() - start
-    mask = inputs["attention_mask"]
+    hook.remove()
+    mask, step_positions = inputs["attention_mask"], positions["prompt"]
     start = time.perf_counter()
     for _ in range(new_tokens):
         token = output.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        if continue_positions:
+            step_positions = step_positions[..., -1:] + 1
         output = model(
             input_ids=token,
             attention_mask=mask,
+            **({"position_ids": step_positions} if continue_positions else {}),
             **{cache_keyword(model): cache_in(output)},
             use_cache=True,
             logits_to_keep=1,
         )
     sync(device)
     decode = (time.perf_counter() - start) / new_tokens
-    cache = cache_in(output)
-    kv_bytes = sum(
-        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        for layer in cache.layers
-    )
+    kv_bytes = cache_bytes(cache_in(output))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"prefill_s": prefill, "decode_s_per_token": decode, "kv_cache_bytes": kv_bytes, "peak_memory_bytes": peak}
 
@@ -100,6 +113,61 @@ def batch_throughput(batch_size: int, repeats: int, new_tokens: int, device: tor
     return statistics.median(ratios)
 
 
+def random_qwen3_5(
+    num_layers: int, hidden_size: int, intermediate_size: int, heads: int, linear_value_heads: int, seed: int = 0
+):
+    """A random Qwen3.5 with Qwen3.5-4B's layer pattern and head sizes: attention heads of 256
+    (a quarter of them key/value heads, as 16/4), linear attention heads of 128 (half as many
+    key heads as value heads, as 16/32); a one-block ViT, since VTW does not change it."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=1000, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), head_dim=256,
+        linear_num_value_heads=linear_value_heads, linear_num_key_heads=linear_value_heads // 2,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+        rope_parameters={"rope_type": "default", "mrope_section": [11, 11, 10], "mrope_interleaved": True,
+                         "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    )  # fmt: skip
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden_size)
+    config = Qwen3_5Config(
+        text_config=text, vision_config=vision, image_token_id=999, video_token_id=998,
+        vision_start_token_id=997, vision_end_token_id=996,
+    )  # fmt: skip
+    return Qwen3_5ForConditionalGeneration(config).eval()
+
+
+def qwen3_5_prompt(model, text_before: int, text_after: int, grid: int = 48, seed: int = 0) -> dict:
+    """Model inputs of a one-image prompt: ``text_before`` tokens, the image of ``grid`` x ``grid``
+    16 px patches between its markers ((grid / 2)^2 visual tokens), ``text_after`` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    text = torch.randint(0, 990, (1, text_before + text_after), generator=generator)
+    image = torch.full((1, (grid // 2) ** 2), config.image_token_id)
+    start, end = torch.tensor([[config.vision_start_token_id]]), torch.tensor([[config.vision_end_token_id]])
+    input_ids = torch.cat([text[:, :text_before], start, image, end, text[:, text_before:]], dim=1)
+    patch = 3 * 2 * 16 * 16  # channels x temporal patch x 16 x 16
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == config.image_token_id).long(),
+        "pixel_values": torch.randn(grid * grid, patch, generator=generator),
+        "image_grid_thw": torch.tensor([[1, grid, grid]]),
+    }
+
+
+def prompt_batch(inputs: dict, batch_size: int) -> dict:
+    """The same prompt in every row; Qwen's patches and patch grids are per image, not per row."""
+    batch = {}
+    for key, value in inputs.items():
+        if key in ("pixel_values", "image_grid_thw") and "image_grid_thw" in inputs:
+            batch[key] = value.repeat(batch_size, 1)
+        else:
+            batch[key] = value.expand(batch_size, *value.shape[1:])
+    return batch
+
+
 def plot(rows: list[dict], path: Path) -> None:
     from vtw_eval.plots import plt, save_png
 
@@ -119,10 +187,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     gpu = torch.cuda.is_available()
+    parser.add_argument("--architecture", default="llava", choices=["llava", "qwen3_5"])
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096 if gpu else 1024)
-    parser.add_argument("--intermediate", type=int, default=11008 if gpu else 2752)
-    parser.add_argument("--heads", type=int, default=32 if gpu else 8)
+    parser.add_argument("--hidden", type=int, help="default: LLaVA 4096 on a GPU, 1024 on CPU; Qwen3.5 2560 / 1024")
+    parser.add_argument("--intermediate", type=int, help="default: LLaVA 11008 / 2752; Qwen3.5 9216 / 3584")
+    parser.add_argument("--heads", type=int, help="attention heads; default: LLaVA 32 / 8; Qwen3.5 16 / 4")
+    parser.add_argument("--linear-heads", type=int, help="Qwen3.5's linear attention value heads: 32 / 16")
     parser.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--withdraw-layers", default="0,8,16,24", help="comma-separated K values")
     parser.add_argument("--text-before", type=int, default=35, help="system prompt tokens before the image")
@@ -136,12 +206,30 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if gpu else "cpu")
     dtype = getattr(torch, args.dtype)
 
-    model = random_llava(args.layers, args.hidden, args.intermediate, args.heads).to(device, dtype)
-    inputs = {k: v.to(device) for k, v in llava_prompt(model, args.text_before, args.text_after).items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=None)
+    full_width = {  # (GPU, CPU) defaults: the real width on a GPU, scaled to fit a CPU
+        "llava": {"hidden": (4096, 1024), "intermediate": (11008, 2752), "heads": (32, 8)},
+        "qwen3_5": {"hidden": (2560, 1024), "intermediate": (9216, 3584), "heads": (16, 4), "linear_heads": (32, 16)},
+    }[args.architecture]
+    for name, defaults in full_width.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[0 if gpu else 1])
+    if args.architecture == "llava":
+        model = random_llava(args.layers, args.hidden, args.intermediate, args.heads)
+        inputs = llava_prompt(model, args.text_before, args.text_after)
+        withdrawal_traits = {}
+    else:
+        from vtw_eval.backends.qwen3_vl import VTWQwen3_5  # what the backend declares to the engine
+
+        model = random_qwen3_5(args.layers, args.hidden, args.intermediate, args.heads, args.linear_heads)
+        inputs = qwen3_5_prompt(model, args.text_before, args.text_after)
+        withdrawal_traits = dict(
+            decoding_positions=VTWQwen3_5.decoding_positions, recurrent_layer_types=VTWQwen3_5.recurrent_layer_types
+        )
+    model = model.to(device, dtype)
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=None, **withdrawal_traits)
     geometry = DecoderGeometry.from_config(model.config)
-    whole = WholeModel.from_config(model.config)  # the tower, projector and head around the decoder
+    whole = whole_model_of(model.config)  # the tower, projector or merger, and head around the decoder
     num_tokens = inputs["input_ids"].shape[1]
     num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     configs = [None] + [int(k) for k in args.withdraw_layers.split(",")]
@@ -150,28 +238,31 @@ def main(argv=None) -> None:
     # projector alone, and a text-only prompt of the kept tokens (every layer at the kept length).
     kept_inputs = {"input_ids": inputs["input_ids"][inputs["input_ids"] != model.config.image_token_id][None]}
     kept_inputs["attention_mask"] = torch.ones_like(kept_inputs["input_ids"])
+    visual_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
     parts = {
-        "tower_s": lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]),
+        "tower_s": lambda: model.model.get_image_features(**visual_inputs),
         "kept_only_s": lambda: model(**kept_inputs, use_cache=True, logits_to_keep=1),
     }
 
     withdrawal.withdraw_layer = None
-    measure(model, inputs, 2, device)  # warm-up
+    continue_positions = withdrawal.decoding_positions == "from_attention_mask"
+    measure(model, inputs, 2, device, continue_positions)  # warm-up
     runs, part_times = {k: [] for k in configs}, {name: [] for name in parts}
     for _ in tqdm(range(args.repeats), desc="interleaved repeats"):
         for k in configs:
             withdrawal.withdraw_layer = k
-            runs[k].append(measure(model, inputs, args.new_tokens, device))
+            runs[k].append(measure(model, inputs, args.new_tokens, device, continue_positions))
         withdrawal.withdraw_layer = None
         for name, call in parts.items():
             part_times[name].append(timed(call, device))
     # Decoding at the larger batch: the same prompt in every row.
-    batch_inputs = {key: value.expand(args.batch, *value.shape[1:]) for key, value in inputs.items()}
+    batch_inputs = prompt_batch(inputs, args.batch)
     batch_runs = {k: [] for k in configs}
     for _ in tqdm(range(args.batch_repeats), desc=f"interleaved repeats at batch {args.batch}"):
         for k in configs:
             withdrawal.withdraw_layer = k
-            batch_runs[k].append(measure(model, batch_inputs, args.new_tokens, device)["decode_s_per_token"])
+            run = measure(model, batch_inputs, args.new_tokens, device, continue_positions)
+            batch_runs[k].append(run["decode_s_per_token"])
     withdrawal.withdraw_layer = None
     tower_s, kept_only_s = (statistics.median(part_times[name]) for name in parts)
 
@@ -243,7 +334,7 @@ def main(argv=None) -> None:
             ]
         )
     print(
-        f"{device.type}, {args.dtype}; {geometry.num_layers} layers, d={geometry.hidden_size}, "
+        f"{args.architecture}: {device.type}, {args.dtype}; {geometry.num_layers} layers, d={geometry.hidden_size}, "
         f"m={geometry.intermediate_size}; {num_tokens} prompt tokens ({num_visual} visual), "
         f"{args.new_tokens} decoding steps; median [min, max] of {args.repeats} interleaved repeats"
     )
@@ -299,9 +390,10 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     summary = {
+        "architecture": args.architecture,
         "device": device.type,
         "dtype": args.dtype,
-        "geometry": geometry.__dict__,
+        "geometry": dataclasses.asdict(geometry),
         "prompt_tokens": num_tokens,
         "visual_tokens": num_visual,
         "new_tokens": args.new_tokens,
@@ -312,9 +404,10 @@ def main(argv=None) -> None:
         "rows": rows,
         "batch8_over_batch1_throughput": throughput,
     }
-    write_atomically(out / "speed.json", (json.dumps(summary, indent=2) + "\n").encode())
-    plot(rows, out / "speed.png")
-    print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
+    stem = "speed" if args.architecture == "llava" else f"speed_{args.architecture}"
+    write_atomically(out / f"{stem}.json", (json.dumps(summary, indent=2) + "\n").encode())
+    plot(rows, out / f"{stem}.png")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Layers < K run on the full sequence (taken from the unmodified model's hidden states); layers
 >= K run on the kept sub-sequence with the original position ids, a hand-made causal mask (none
-for a recurrent layer, which runs over the kept tokens in order) and no KV cache; then the final
-norm and the LM head.
+for a recurrent layer, which runs over the kept tokens in order; a sliding window counted in
+original positions) and no KV cache; then the final norm and the LM head.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import torch
 
 
 @torch.no_grad()
-def reference_vtw_logits(model, inputs: dict, withdraw_layer: int, keep: torch.Tensor | None = None):
-    """Logits at the kept positions of a single unpadded prompt, and those positions."""
+def reference_vtw_logits(
+    model, inputs: dict, withdraw_layer: int, keep: torch.Tensor | None = None, window_counts: str = "positions"
+):
+    """Logits at the kept positions of a single unpadded prompt, and those positions. A sliding
+    window counts original positions; with ``window_counts="slots"``, kept tokens instead (what a
+    withdrawal that ignores the gaps would do)."""
     language_model = model.model.language_model
     seen = {}  # the position ids the unmodified model gives its decoder (3 rows for Qwen2-VL)
     handle = language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
@@ -34,10 +38,18 @@ def reference_vtw_logits(model, inputs: dict, withdraw_layer: int, keep: torch.T
     position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids[..., kept_positions])
     n = len(kept_positions)
     causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
-    layer_types = getattr(language_model.config, "layer_types", None) or ["full_attention"] * len(language_model.layers)
+    config = language_model.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or (
+        ["sliding_attention" if window else "full_attention"] * len(language_model.layers)
+    )
+    # A sliding window by original position: key j is seen from query i if i - window < j <= i.
+    numbers = kept_positions if window_counts == "positions" else torch.arange(len(kept_positions))
+    distance = numbers[:, None] - numbers[None, :]
+    windowed = causal.masked_fill((distance >= window)[None, None], torch.finfo(hidden.dtype).min) if window else None
     for index in range(withdraw_layer, len(language_model.layers)):
         # A recurrent (linear attention) layer is causal by construction and takes no mask here.
-        mask = None if layer_types[index] == "linear_attention" else causal
+        mask = {"linear_attention": None, "sliding_attention": windowed}.get(layer_types[index], causal)
         hidden = language_model.layers[index](hidden, attention_mask=mask, position_embeddings=position_embeddings)
     return model.lm_head(language_model.norm(hidden)), kept_positions
 

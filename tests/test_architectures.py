@@ -8,15 +8,24 @@ import pytest
 import torch
 from conftest import NUM_LAYERS, encode, picture
 from reference import reference_vtw_logits, visual_ids
-from tiny_models import QWEN3_FAMILIES, build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3
+from tiny_models import (
+    QWEN3_FAMILIES,
+    build_tiny_llava,
+    build_tiny_llava_onevision,
+    build_tiny_qwen2_vl,
+    build_tiny_qwen3,
+)
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vtw_eval.backends.llava import VTWLlavaOnevision
+from vtw_eval.backends.llava import VTWLlava, VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
 from vtw_eval.backends.qwen3_vl import VTWQwen3_5, VTWQwen3VL
-from vtw_eval.engine import VisualTokenWithdrawal, cache_in
+from vtw_eval.engine import VisualTokenWithdrawal, cache_in, layer_mask_kind
 
 BUILDERS = {
+    # Sliding windows of 8 tokens, shorter than the prompts: every layer, or layers 2 and 3.
+    "llava_mistral_window": lambda path: build_tiny_llava(path, sliding_window=("mistral", 8)),
+    "llava_qwen2_window": lambda path: build_tiny_llava(path, sliding_window=("qwen2", 8)),
     "llava_onevision": build_tiny_llava_onevision,
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
@@ -34,7 +43,7 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-ADAPTERS = (VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
+ADAPTERS = (VTWLlava, VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
 
 
 def load(path, attn_implementation: str = "sdpa"):
@@ -87,10 +96,6 @@ def test_every_layer_matches_naive_reference(tiny, num_images, attn_implementati
         assert (earlier - later).abs().max() > 1e-4
 
 
-def layer_types(model) -> list[str]:
-    return getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"] * NUM_LAYERS
-
-
 def with_tokens(inputs: dict, sequence: torch.Tensor) -> dict:
     """The prompt's multimodal inputs for ``sequence`` (prompt plus generated text tokens)."""
     extra = sequence.shape[1] - inputs["input_ids"].shape[1]
@@ -125,10 +130,14 @@ def test_cached_generation_equals_recompute(tiny, withdraw_layer):
     # (a recurrent layer's states have no length: recomputing above proves what they saw).
     prompt_length = inputs["input_ids"].shape[1]
     visual = int(torch.isin(inputs["input_ids"], torch.tensor(suppress)).sum())
+    config = model.config.get_text_config()
     for layer in range(NUM_LAYERS):
-        if layer_types(model)[layer] == "linear_attention":
+        kind = layer_mask_kind(config, layer)
+        if kind == "linear_attention":
             continue
         expected = (prompt_length if layer < withdraw_layer else prompt_length - visual) + 4  # last token not fed back
+        if kind == "sliding_attention":  # a sliding layer keeps its last window - 1 slots
+            expected = min(expected, config.sliding_window - 1)
         assert cache_in(cached).layers[layer].keys.shape[-2] == expected
 
 
@@ -142,7 +151,7 @@ def test_batch_equals_one_by_one(tiny, withdraw_layer):
     sizes = [(40, 30), (128, 128), (40, 30), (30, 60)]
     batch_inputs = encode(processor, rows, sizes=sizes)
     visual = torch.isin(batch_inputs["input_ids"], torch.tensor(visual_ids(model.config))).sum(1)
-    assert visual[1] != visual[3] and visual[0] > 0 == visual[2]  # one image each, of other sizes
+    assert len(set(visual.tolist())) >= 3 and visual[2] == 0  # rows withdraw different numbers of tokens
     batch = generate(model, batch_inputs, output_logits=True, return_dict_in_generate=True)
     for index, row in enumerate(rows):
         single_inputs = encode(processor, [row], seed=index, sizes=[sizes[index]])
@@ -248,3 +257,19 @@ def test_an_undeclared_layer_type_is_refused(tmp_path):
     ):
         VisualTokenWithdrawal(model, 2, "from_attention_mask")
     assert VisualTokenWithdrawal(model, 2, "from_attention_mask", None, ("linear_attention",)).num_layers == NUM_LAYERS
+
+
+def test_sliding_window_counts_original_positions(tmp_path):
+    """A window of 8 over a prompt whose 32 visual tokens sit between its text: after withdrawal a
+    query sees the keys within 8 original positions, not 8 kept tokens (which would reach text
+    beyond the window: the guard, that the two differ here)."""
+    model = load(build_tiny_llava(tmp_path / "mistral", sliding_window=("mistral", 8)))
+    processor = AutoProcessor.from_pretrained(tmp_path / "mistral")
+    inputs = encode(processor, [("Is there a red square in the image ? Answer yes or no .", 2)])
+    for layer in (0, 2):
+        by_position, _ = reference_vtw_logits(model, inputs, layer)
+        by_slot, _ = reference_vtw_logits(model, inputs, layer, window_counts="slots")
+        assert (by_position - by_slot).abs().max() > 1e-3
+        vtw = withdrawal(model, layer)
+        torch.testing.assert_close(model(**inputs).logits, by_position, atol=1e-5, rtol=0)
+        vtw.remove()

@@ -12,7 +12,7 @@ from transformers import LlavaConfig, Qwen2Config
 
 from vtw_eval.accounting import image_token_runs
 from vtw_eval.cost import DecoderGeometry, Qwen2VLWholeModel, WholeModel, analytic_prefill_speedup, whole_model_of
-from vtw_eval.engine import VisualTokenWithdrawal, cache_in
+from vtw_eval.engine import VisualTokenWithdrawal, cache_bytes, cache_in
 
 LLAVA_7B = DecoderGeometry(
     num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128
@@ -99,17 +99,6 @@ def test_geometry_from_a_multimodal_config():
 def test_out_of_range_layer_is_refused():
     with pytest.raises(ValueError, match="withdraw_layer must be in 0..32"):
         LLAVA_7B.prefill_flops(651, 576, 33)
-
-
-def cache_bytes(cache) -> int:
-    """Every tensor the cache holds: keys and values, or a recurrent layer's states."""
-    tensors = []
-    for layer in cache.layers:
-        if hasattr(layer, "recurrent_states"):
-            tensors += [*layer.conv_states.values(), *layer.recurrent_states.values()]
-        else:
-            tensors += [layer.keys, layer.values]
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
 
 
 @pytest.mark.parametrize("withdraw_layer", [1, "none"])

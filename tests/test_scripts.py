@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from vtw_eval.run import REPO_ROOT
 
 
@@ -15,34 +17,26 @@ def run_script(*args: str) -> str:
     return completed.stdout
 
 
-def test_speed_benchmark_runs_and_kv_bytes_match_the_cost_model(tmp_path):
+@pytest.mark.parametrize(
+    "architecture, widths",
+    [("llava", ["--heads", "4"]), ("qwen3_5", ["--heads", "1", "--linear-heads", "2"])],  # Qwen3.5: 3 linear + 1
+)
+def test_speed_benchmark_runs_and_kv_bytes_match_the_cost_model(tmp_path, architecture, widths):
     out = run_script(
-        "scripts/bench_speed.py",
-        "--layers",
-        "4",
-        "--hidden",
-        "64",
-        "--intermediate",
-        "128",
-        "--heads",
-        "4",
-        "--withdraw-layers",
-        "0,2",
-        "--repeats",
-        "1",
-        "--new-tokens",
-        "2",
-        "--out",
-        str(tmp_path),
-    )
+        "scripts/bench_speed.py", "--architecture", architecture, "--layers", "4", "--hidden", "64",
+        "--intermediate", "128", *widths, "--withdraw-layers", "0,2", "--repeats", "1", "--new-tokens", "2",
+        "--batch", "2", "--batch-repeats", "1", "--out", str(tmp_path),
+    )  # fmt: skip
     assert "goal: prefill speedup at K=L/2" in out
-    summary = json.loads((tmp_path / "speed.json").read_text())
+    stem = "speed" if architecture == "llava" else "speed_qwen3_5"
+    summary = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert summary["architecture"] == architecture
     assert [row["withdraw_layer"] for row in summary["rows"]] == [4, 0, 2]
     for row in summary["rows"]:
         assert row["kv_cache_bytes_measured"] == row["kv_cache_bytes_analytic"]
         # The tower, projector and head do not shrink: the whole model's limit is below the decoder's.
         assert 1 <= row["analytic_whole_model_prefill_speedup"] <= row["analytic_prefill_speedup"]
-    assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_calibration_benchmark_runs():

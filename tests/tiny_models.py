@@ -47,14 +47,27 @@ def build_tiny_llava(
     seed: int = 0,
     attn_implementation: str = "sdpa",
     any_resolution: bool = False,
+    sliding_window: tuple[str, int] | None = None,
 ) -> Path:
     """A LlavaForConditionalGeneration (LLaVA-1.5) with random weights, saved with its processor;
-    with ``any_resolution`` a LlavaNextForConditionalGeneration (tiles and image-newline tokens)."""
+    with ``any_resolution`` a LlavaNextForConditionalGeneration (tiles and image-newline tokens).
+    ``sliding_window`` gives it a decoder with a sliding window of that many tokens: ("mistral", w)
+    on every layer, ("qwen2", w) on the layers from 2 on (Qwen2's max_window_layers)."""
+    from transformers import MistralConfig, Qwen2Config
+
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
+    text_config = tiny_text_config(len(tokenizer), num_layers)
+    if sliding_window is not None:
+        family, window = sliding_window
+        fields = {k: v for k, v in text_config.to_dict().items() if k not in ("model_type", "layer_types")}
+        if family == "mistral":
+            text_config = MistralConfig(**fields, sliding_window=window)
+        else:
+            text_config = Qwen2Config(**fields, use_sliding_window=True, sliding_window=window, max_window_layers=2)
     common = dict(
         vision_config=tiny_vision_config(),
-        text_config=tiny_text_config(len(tokenizer), num_layers),
+        text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
     )
@@ -264,5 +277,63 @@ def build_tiny_qwen3(path: str | Path, family: str = "qwen3_vl", num_layers: int
         video_processor=transformers.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
         tokenizer=tokenizer,
         chat_template=QWEN3_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)
+
+
+# Gemma 3's chat format: the system text opens the first user turn; an image part is the image
+# start token, which the processor expands into the image's soft tokens.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set system = namespace(text='') %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% set system.text = message['content'] if message['content'] is string else message['content'][0]['text'] %}"
+    "{% else %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if system.text %}{{ system.text }}\n\n{% set system.text = '' %}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_tiny_gemma3(path: str | Path, num_layers: int = 4, seed: int = 0, sliding_window: int = 8) -> Path:
+    """A Gemma3ForConditionalGeneration: a SigLIP tower whose 4x4 patches are pooled into 4 soft
+    tokens per image, attended bidirectionally within the image in prefill (token_type_ids);
+    sliding-window layers (window 8) with a full-attention layer every sixth (here layer 3 of 4,
+    so both kinds are withdrawn), and two rotary embeddings, local and global."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>", "user", "model"])
+    special = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer.add_tokens(list(special.values()), special_tokens=True)
+    tokenizer._set_model_specific_special_tokens(special_tokens=special)  # boi_token, ..., saved with it
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in special.items()}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=sliding_window, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8,
+    )  # fmt: skip
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],
+    )  # fmt: skip
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a random tower at the default scale gives every image the same answer
+        for name, parameter in model.named_parameters():
+            if ("vision_tower" in name or "multi_modal_projector" in name) and parameter.dim() > 1:
+                parameter.normal_(0, 0.5)
+    processor = transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=4,
     )
     return _save(path, model, processor)

@@ -104,9 +104,10 @@ def every_layer_last_hidden(
         hidden = candidate if hidden is None else torch.cat([hidden, candidate.to(hidden.device)], dim=0)
         copies = index + 1
         mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
+        slot_positions = tile_batch(plan.kept_positions.to(hidden.device), copies, 1)
         hidden = layer(
             hidden,
-            attention_mask=withdrawal.layer_mask(index, hidden, mask_2d, None),
+            attention_mask=withdrawal.layer_mask(index, hidden, mask_2d, None, slot_positions),
             position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
             position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
             use_cache=False,

@@ -77,6 +77,18 @@ def cache_in(mapping) -> object | None:
     return cache if cache is not None else mapping.get("past_key_values")
 
 
+def cache_bytes(cache) -> int:
+    """Bytes a transformers cache holds: keys and values of attention layers, the convolution and
+    recurrent states of linear-attention layers."""
+    tensors = []
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            tensors += [*layer.conv_states.values(), *layer.recurrent_states.values()]
+        else:
+            tensors += [layer.keys, layer.values]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
+
+
 def cache_keyword(model: nn.Module) -> str:
     """The keyword under which ``model``'s forward takes a KV cache (``cache`` from transformers 5.24,
     where ``past_key_values`` is deprecated)."""
@@ -188,6 +200,7 @@ class VisualTokenWithdrawal:
         self._seen_tokens = 0  # full-sequence length processed so far in the current batch
         self._prefill = False  # whether the current call is the batch's prefill
         self._reduced_2d_mask: torch.Tensor | None = None  # for the current call, over the reduced cache
+        self._reduced_positions: torch.Tensor | None = None  # original position of each of its slots
         self._layer_masks: dict[str, torch.Tensor | None] = {}  # built once per call and mask kind
         self._kept_rotary: tuple | None = None  # (decoder's cos, kept cos, kept sin, kept position ids)
         self._handles = [model.register_forward_pre_hook(self._before_model_call, with_kwargs=True)]
@@ -229,6 +242,7 @@ class VisualTokenWithdrawal:
             self.plan = None  # a text-only batch runs as the unmodified model
         else:
             self._reduced_2d_mask = self.plan.kept_attention_mask
+            self._reduced_positions = self.plan.kept_positions
 
     # -- the model-level hook: plan at prefill, extend the mask at decoding steps ---------------
 
@@ -262,6 +276,9 @@ class VisualTokenWithdrawal:
         else:
             tail = attention_mask[:, -after_prompt:].to(torch.bool)
         self._reduced_2d_mask = torch.cat([self.plan.kept_attention_mask, tail], dim=1)
+        after = torch.arange(self.plan.prompt_length, self.plan.prompt_length + after_prompt, device=input_ids.device)
+        kept = self.plan.kept_positions.to(input_ids.device)
+        self._reduced_positions = torch.cat([kept, after[None].expand(kept.shape[0], -1)], dim=1)
         if kwargs.get("position_ids") is None:
             total = self._seen_tokens + new_tokens
             if self.decoding_positions == "count":
@@ -319,25 +336,43 @@ class VisualTokenWithdrawal:
         """The attention mask of a withdrawn layer, built once per call and mask kind."""
         kind = layer_mask_kind(self.language_model.config, layer_index)
         if kind not in self._layer_masks:
-            self._layer_masks[kind] = self.layer_mask(
-                layer_index, hidden, self._reduced_2d_mask.to(hidden.device), cache
-            )
+            mask_2d, positions = (t.to(hidden.device) for t in (self._reduced_2d_mask, self._reduced_positions))
+            self._layer_masks[kind] = self.layer_mask(layer_index, hidden, mask_2d, cache, positions)
         return self._layer_masks[kind]
 
-    def layer_mask(self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache) -> torch.Tensor | None:
+    def layer_mask(
+        self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, positions: torch.Tensor
+    ) -> torch.Tensor | None:
         """The attention mask of decoder layer ``layer_index`` over a reduced sequence: built by
         transformers' own mask functions, in the format the layer wants, sized against that
         layer's cache (which holds the kept tokens only) or against no cache.
 
         ``hidden`` is the layer's input (batch, tokens, features); ``mask_2d`` (batch, cached + tokens)
-        is False at padding and at the spare slots of rows that kept fewer tokens."""
+        is False at padding and at the spare slots of rows that kept fewer tokens; ``positions`` (the
+        same shape) is each slot's original position, by which a sliding window counts."""
         config = self.language_model.config
         kind = layer_mask_kind(config, layer_index)
         if kind in self.recurrent_layer_types:  # the 2D padding mask of the new tokens, or None
             return create_recurrent_attention_mask(config, hidden, mask_2d, cache)
+        window = {}
+        if kind == "sliding_attention":
+            window["and_mask_function"] = original_position_window(positions, config.sliding_window)
         # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
         layer_idx = layer_index if cache is not None else None
-        return ATTENTION_MASKS[kind](config, hidden, mask_2d, cache, layer_idx=layer_idx)
+        return ATTENTION_MASKS[kind](config, hidden, mask_2d, cache, layer_idx=layer_idx, **window)
+
+
+def original_position_window(positions: torch.Tensor, window: int):
+    """A mask function for transformers' mask builders: a query sees a key only if the key's
+    original position is within ``window`` of the query's. ``positions`` (batch, slots) maps each
+    slot of the reduced sequence to its original position. Withdrawn tokens sit between kept ones,
+    so slot distances are at most position distances: this narrows the builders' own window (which
+    counts slots) to exactly the unmodified model's, less the withdrawn tokens."""
+
+    def within_window(batch_idx, head_idx, q_idx, kv_idx):
+        return positions[batch_idx, kv_idx] > positions[batch_idx, q_idx] - window
+
+    return within_window
 
 
 def layer_mask_kind(config, layer_index: int) -> str:
