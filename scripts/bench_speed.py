@@ -218,7 +218,7 @@ def main(argv=None) -> None:
         inputs = llava_prompt(model, args.text_before, args.text_after)
         withdrawal_traits = {}
     else:
-        from vtw_eval.backends.qwen3_vl import VTWQwen3_5  # what the backend declares to the engine
+        from vtw_eval.backends.qwen3_5 import VTWQwen3_5  # what the backend declares to the engine
 
         model = random_qwen3_5(args.layers, args.hidden, args.intermediate, args.heads, args.linear_heads)
         inputs = qwen3_5_prompt(model, args.text_before, args.text_after)

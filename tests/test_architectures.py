@@ -19,7 +19,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.backends.llava import VTWLlava, VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
-from vtw_eval.backends.qwen3_vl import VTWQwen3_5, VTWQwen3VL
+from vtw_eval.backends.qwen3_5 import VTWQwen3_5
+from vtw_eval.backends.qwen3_vl import VTWQwen3VL
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in, layer_mask_kind
 
 BUILDERS = {

@@ -151,7 +151,7 @@ def test_qwen3_vl_video_answers_as_lmms_eval_backend(tmp_path):
 def test_qwen3_answers_and_arguments(tmp_path):
     """Thinking: the answer is what follows </think>, nothing when it never ends (lmms-eval's
     qwen3_5 rule); off, the text as decoded. A bad switch is refused by name."""
-    from vtw_eval.backends.qwen3_vl import VTWQwen3_5
+    from vtw_eval.backends.qwen3_5 import VTWQwen3_5
 
     path = build_tiny_qwen3(tmp_path / "model", "qwen3_5")
     thinking = VTWQwen3_5(pretrained=str(path), device="cpu")

@@ -331,7 +331,8 @@ def test_qwen3_whole_model_flops_equal_torchs_flop_counter(tmp_path, family):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vtw_eval.backends.qwen3_vl import VTWQwen3_5, VTWQwen3VL
+    from vtw_eval.backends.qwen3_5 import VTWQwen3_5
+    from vtw_eval.backends.qwen3_vl import VTWQwen3VL
 
     path = build_tiny_qwen3(tmp_path / family, family)
     # Eager experts: one matrix product per expert, which the counter sees (grouped kernels it does not).
@@ -366,7 +367,7 @@ def test_qwen3_5_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
     from lmms_eval.api.instance import Instance
     from tiny_models import build_tiny_qwen3
 
-    from vtw_eval.backends.qwen3_vl import VTWQwen3_5
+    from vtw_eval.backends.qwen3_5 import VTWQwen3_5
 
     accounting_file = tmp_path / "requests.jsonl"
     lm = VTWQwen3_5(

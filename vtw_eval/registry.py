@@ -12,7 +12,7 @@ BACKENDS = {
     "vtw_qwen2_vl": "vtw_eval.backends.qwen2_vl.VTWQwen2VL",
     "vtw_qwen2_5_vl": "vtw_eval.backends.qwen2_vl.VTWQwen2_5VL",
     "vtw_qwen3_vl": "vtw_eval.backends.qwen3_vl.VTWQwen3VL",
-    "vtw_qwen3_5": "vtw_eval.backends.qwen3_vl.VTWQwen3_5",
+    "vtw_qwen3_5": "vtw_eval.backends.qwen3_5.VTWQwen3_5",
 }
 
 

@@ -1,21 +1,17 @@
-"""`vtw_qwen3_vl` and `vtw_qwen3_5`: Qwen3-VL and Qwen3.5 checkpoints (dense and MoE) with VTW.
+"""`vtw_qwen3_vl`: Qwen3-VL checkpoints (dense and MoE) with VTW; the base of `vtw_qwen3_5`.
 
-Prompts and visuals as lmms-eval 0.7.3's ``qwen3_vl`` and ``qwen3_5`` build them (``--model
-qwen3_vl`` runs its chat class, ``models/chat/qwen3_vl.py``): a system turn of one text part, then
+Prompts and visuals as lmms-eval 0.7.3's ``qwen3_vl`` builds them (``--model qwen3_vl`` runs its
+chat class, ``models/chat/qwen3_vl.py``): a system turn of one text part, then
 the user turn with the visuals before the task's text; images and videos resized by
 ``qwen_vl_utils`` on a 32 px grid (16 px patches merged 2x2) and given to the processor with
 ``do_resize=False``; answers decoded as they are (no cut at the task's ``until`` strings, no
 stripping) and, with ``enable_thinking``, what follows ``</think>``. The defaults are theirs,
 including the questionable ones (docs/backends.md says what to set).
 
-What the architectures declare to the engine:
-
-* Qwen3-VL, DeepStack: the vision tower also returns features of early ViT blocks, which the
-  decoder adds at the visual positions after its first layers (``deepstack_visual_embeds``);
-  the engine keeps those of the layers before K only.
-* Qwen3.5, Gated DeltaNet: three of four decoder layers are ``linear_attention`` layers with a
-  convolution and a recurrent state; from K on they run over the kept tokens.
-* Both number decoding positions from the 2D attention mask (multimodal rotary positions).
+What the architecture declares to the engine: DeepStack, the vision tower also returns features
+of early ViT blocks, which the decoder adds at the visual positions after its first layers
+(``deepstack_visual_embeds``; the engine keeps those of the layers before K only); decoding
+positions numbered from the 2D attention mask (multimodal rotary positions).
 """
 
 from __future__ import annotations
@@ -23,12 +19,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from qwen_vl_utils import process_vision_info
-from transformers import (
-    Qwen3_5ForConditionalGeneration,
-    Qwen3_5MoeForConditionalGeneration,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLMoeForConditionalGeneration,
-)
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 from vtw_eval.backends import arguments
 from vtw_eval.backends.base import Visual, VTWBackend
@@ -137,32 +128,3 @@ class VTWQwen3VL(VTWBackend):
         if self.enable_thinking:
             return text.partition("</think>")[2].strip()
         return text
-
-
-class VTWQwen3_5(VTWQwen3VL):
-    """Qwen3.5: lmms-eval's ``qwen3_5`` defaults (32 px budgets, long videos, thinking on, sampling)."""
-
-    model_classes = {"qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}
-    injected_visual_features = None  # no DeepStack in Qwen3.5
-    recurrent_layer_types = ("linear_attention",)  # Gated DeltaNet: conv + recurrent state, no KV cache
-    default_generation_kwargs = {"max_new_tokens": 1024, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
-
-    def __init__(
-        self,
-        pretrained: str,
-        min_pixels: int = 64 * 32 * 32,
-        max_pixels: int = 128 * 32 * 32,
-        total_pixels: int | None = 224 * 1024 * 32 * 32,
-        max_num_frames: int = 768,
-        enable_thinking: bool | None = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            pretrained,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            total_pixels=total_pixels,
-            max_num_frames=max_num_frames,
-            enable_thinking=enable_thinking,
-            **kwargs,
-        )
