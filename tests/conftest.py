@@ -67,4 +67,10 @@ def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, si
         for i, (_, count) in enumerate(texts_and_counts)
         for _ in range(count)
     ]
+    if type(processor).__name__.startswith("Gemma3") and images:  # it takes each row's images as a list
+        rows, start = [], 0
+        for _, count in texts_and_counts:
+            rows.append(images[start : start + count])
+            start += count
+        images = rows
     return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))

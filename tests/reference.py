@@ -8,6 +8,8 @@ original positions) and no KV cache; then the final norm and the LM head.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -35,7 +37,7 @@ def reference_vtw_logits(
     if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # Qwen2-VL: a text row, then 3 rotary rows
         position_ids = position_ids[1:]
     hidden = full.hidden_states[withdraw_layer][:, kept_positions]  # input of layer K
-    position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids[..., kept_positions])
+    kept_ids = position_ids[..., kept_positions]
     n = len(kept_positions)
     causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
     config = language_model.config
@@ -50,6 +52,10 @@ def reference_vtw_logits(
     for index in range(withdraw_layer, len(language_model.layers)):
         # A recurrent (linear attention) layer is causal by construction and takes no mask here.
         mask = {"linear_attention": None, "sliding_attention": windowed}.get(layer_types[index], causal)
+        if "layer_type" in inspect.signature(language_model.rotary_emb.forward).parameters:  # Gemma 3: per kind
+            position_embeddings = language_model.rotary_emb(hidden, kept_ids, layer_types[index])
+        else:
+            position_embeddings = language_model.rotary_emb(hidden, position_ids=kept_ids)
         hidden = language_model.layers[index](hidden, attention_mask=mask, position_embeddings=position_embeddings)
     return model.lm_head(language_model.norm(hidden)), kept_positions
 

@@ -10,6 +10,7 @@ from conftest import NUM_LAYERS, encode, picture
 from reference import reference_vtw_logits, visual_ids
 from tiny_models import (
     QWEN3_FAMILIES,
+    build_tiny_gemma3,
     build_tiny_llava,
     build_tiny_llava_onevision,
     build_tiny_qwen2_vl,
@@ -17,6 +18,7 @@ from tiny_models import (
 )
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vtw_eval.backends.gemma3 import VTWGemma3
 from vtw_eval.backends.llava import VTWLlava, VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
 from vtw_eval.backends.qwen3_5 import VTWQwen3_5
@@ -28,6 +30,8 @@ BUILDERS = {
     "llava_mistral_window": lambda path: build_tiny_llava(path, sliding_window=("mistral", 8)),
     "llava_qwen2_window": lambda path: build_tiny_llava(path, sliding_window=("qwen2", 8)),
     "llava_onevision": build_tiny_llava_onevision,
+    # Gemma 3: bidirectional image attention in prefill, sliding layers 0-2 (window 8), two rotary embeddings.
+    "gemma3": build_tiny_gemma3,
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
     # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
@@ -44,7 +48,7 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-ADAPTERS = (VTWLlava, VTWLlavaOnevision, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
+ADAPTERS = (VTWLlava, VTWLlavaOnevision, VTWGemma3, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
 
 
 def load(path, attn_implementation: str = "sdpa"):
@@ -260,12 +264,16 @@ def test_an_undeclared_layer_type_is_refused(tmp_path):
     assert VisualTokenWithdrawal(model, 2, "from_attention_mask", None, ("linear_attention",)).num_layers == NUM_LAYERS
 
 
-def test_sliding_window_counts_original_positions(tmp_path):
-    """A window of 8 over a prompt whose 32 visual tokens sit between its text: after withdrawal a
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_counts_original_positions(tmp_path, family):
+    """A window of 8 over a prompt whose visual tokens sit between its text: after withdrawal a
     query sees the keys within 8 original positions, not 8 kept tokens (which would reach text
-    beyond the window: the guard, that the two differ here)."""
-    model = load(build_tiny_llava(tmp_path / "mistral", sliding_window=("mistral", 8)))
-    processor = AutoProcessor.from_pretrained(tmp_path / "mistral")
+    beyond the window: the guard, that the two differ here). Gemma 3: layers 0-2 slide."""
+    if family == "mistral":
+        path = build_tiny_llava(tmp_path / family, sliding_window=("mistral", 8))
+    else:
+        path = build_tiny_gemma3(tmp_path / family)
+    model, processor = load(path), AutoProcessor.from_pretrained(path)
     inputs = encode(processor, [("Is there a red square in the image ? Answer yes or no .", 2)])
     for layer in (0, 2):
         by_position, _ = reference_vtw_logits(model, inputs, layer)

@@ -9,7 +9,13 @@ import av
 import numpy as np
 import pytest
 from lmms_eval.api.instance import Instance
-from tiny_models import build_tiny_llava, build_tiny_llava_onevision, build_tiny_qwen2_vl, build_tiny_qwen3
+from tiny_models import (
+    build_tiny_gemma3,
+    build_tiny_llava,
+    build_tiny_llava_onevision,
+    build_tiny_qwen2_vl,
+    build_tiny_qwen3,
+)
 from transformers import AutoProcessor
 
 from vtw_eval.backends.qwen2_vl import VTWQwen2VL
@@ -26,6 +32,7 @@ BACKENDS = {
     # The dense Qwen3 models run in tests/test_lmms_eval_parity.py; here the mixtures of experts.
     "vtw_qwen3_vl": lambda path: build_tiny_qwen3(path, "qwen3_vl_moe"),
     "vtw_qwen3_5": lambda path: build_tiny_qwen3(path, "qwen3_5_moe"),
+    "vtw_gemma3": build_tiny_gemma3,
 }
 
 

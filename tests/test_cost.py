@@ -389,3 +389,39 @@ def test_qwen3_5_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
     if withdraw_layer == 1:  # the attention layer's keys shrink; the states do not
         saved = record["kv_cache_bytes_baseline"] - record["kv_cache_bytes_vtw"]
         assert saved == record["visual_tokens"] * 2 * 2 * 16 * 2  # K=1: layer 3's keys and values, 2 heads of 16
+
+
+@pytest.mark.parametrize("withdraw_layer", [1, "none"])
+def test_gemma3_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
+    """Gemma 3's sliding layers (window 8) keep their last 7 tokens whatever the prompt's length,
+    its full-attention layer every token (the kept ones from K on)."""
+    from conftest import picture
+    from lmms_eval.api.instance import Instance
+    from tiny_models import build_tiny_gemma3
+
+    from vtw_eval.backends.gemma3 import VTWGemma3
+
+    accounting_file = tmp_path / "requests.jsonl"
+    lm = VTWGemma3(
+        pretrained=str(build_tiny_gemma3(tmp_path / "model")), withdraw_layer=withdraw_layer, device="cpu",
+        accounting_file=str(accounting_file),
+    )  # fmt: skip
+    caches = []
+    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_in(kw)), with_kwargs=True)
+    lm.task_dict = {"tiny": {"test": [{"image": picture(0)}]}}
+    arguments = ("Is it red ?", {"max_new_tokens": 4}, lambda doc: [doc["image"]], 0, "tiny", "test")
+    request = Instance("generate_until", arguments, idx=0, metadata={"task": "tiny", "doc_id": 0, "repeats": 1})
+    lm.generate_until([request])
+    (record,) = [json.loads(line) for line in accounting_file.read_text().splitlines()]
+    lengths = [layer.keys.shape[-2] for layer in caches[-1].layers]
+    assert record["prompt_tokens"] > 8 and lengths[:3] == [7, 7, 7]
+    # The processor pads the prompt to a multiple of 8 (as lmms-eval's gemma3 has it); the records
+    # count each request's own tokens, so the padding the full-attention layer caches is left out.
+    kept = record["kept_tokens"] if withdraw_layer == 1 else record["prompt_tokens"]
+    padding = lengths[3] - (kept + record["generated_tokens"] - 1)
+    assert padding == -record["prompt_tokens"] % 8
+    key = "kv_cache_bytes_baseline" if withdraw_layer == "none" else "kv_cache_bytes_vtw"
+    assert record[key] == cache_bytes(caches[-1]) - padding * 2 * 2 * 16 * 4
+    if withdraw_layer == 1:  # only the full-attention layer's cache shrinks
+        saved = record["kv_cache_bytes_baseline"] - record["kv_cache_bytes_vtw"]
+        assert saved == record["visual_tokens"] * 2 * 2 * 16 * 4  # float32: 2 kv heads of 16, keys and values

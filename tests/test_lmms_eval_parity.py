@@ -1,7 +1,7 @@
 """At K = L the VTW backends answer as lmms-eval's own backend for the family, through the CLI.
 
-lmms-eval's ``qwen3_vl`` and ``qwen3_5`` (their chat classes, what ``--model qwen3_vl`` runs) load
-bfloat16; the VTW backend is given the same dtype. Answers are compared doc for doc on the tiny
+lmms-eval's ``qwen3_vl`` and ``qwen3_5`` (their chat classes, what ``--model qwen3_vl`` runs) and
+``gemma3`` load bfloat16; the VTW backend is given the same dtype. Answers are compared doc for doc on the tiny
 MME-format task, after a check that they differ across docs (a comparison of constant answers
 would prove nothing).
 """
@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import build_tiny_qwen3
+from tiny_models import build_tiny_gemma3, build_tiny_qwen3
 
 from vtw_eval.run import run_lmms_eval
 
 FAMILIES = {
-    # lmms-eval backend: (VTW backend, tiny checkpoint family, model_args both take)
-    "qwen3_vl": ("vtw_qwen3_vl", "qwen3_vl", ""),
+    # lmms-eval backend: (VTW backend, tiny checkpoint, model_args both take)
+    "qwen3_vl": ("vtw_qwen3_vl", lambda path: build_tiny_qwen3(path, "qwen3_vl"), ""),
     # Thinking off: a random model never closes its thinking, and every answer would be empty.
-    "qwen3_5": ("vtw_qwen3_5", "qwen3_5", ",enable_thinking=False"),
+    "qwen3_5": ("vtw_qwen3_5", lambda path: build_tiny_qwen3(path, "qwen3_5"), ",enable_thinking=False"),
+    "gemma3": ("vtw_gemma3", build_tiny_gemma3, ""),
 }
 
 
@@ -30,8 +31,8 @@ def answers(results_file) -> dict[int, list]:
 
 @pytest.mark.parametrize("reference", sorted(FAMILIES))
 def test_no_withdrawal_answers_as_lmms_eval_backend(reference, tmp_path):
-    backend, family, shared_args = FAMILIES[reference]
-    path = build_tiny_qwen3(tmp_path / "model", family)
+    backend, build, shared_args = FAMILIES[reference]
+    path = build(tmp_path / "model")
     theirs = run_lmms_eval(
         reference, f"pretrained={path},device=cpu,device_map=cpu{shared_args}", "vtw_tiny_mme", tmp_path / "theirs",
         "--log_samples",

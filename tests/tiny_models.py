@@ -305,11 +305,12 @@ def build_tiny_gemma3(path: str | Path, num_layers: int = 4, seed: int = 0, slid
     import transformers
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(["<start_of_turn>", "<end_of_turn>", "user", "model"])
+    tokenizer = build_tokenizer(["user", "model"])
     special = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    tokenizer.add_tokens(list(special.values()), special_tokens=True)
+    tokenizer.add_tokens(["<start_of_turn>", "<end_of_turn>", *special.values()], special_tokens=True)
     tokenizer._set_model_specific_special_tokens(special_tokens=special)  # boi_token, ..., saved with it
     tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # saved, as in Gemma 3's releases
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in special.items()}
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,

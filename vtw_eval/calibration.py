@@ -84,32 +84,40 @@ def every_layer_last_hidden(
     """
     language_model = withdrawal.language_model
     saved, withdrawal.withdraw_layer = withdrawal.withdraw_layer, None
-    layer_kwargs = {}  # the positions the decoder gives its layers (3-row rotary for Qwen2-VL)
-    capture = language_model.layers[0].register_forward_pre_hook(
-        lambda module, args, kwargs: layer_kwargs.update(kwargs), with_kwargs=True
-    )
+    # The positions the decoder gives each layer (3-row rotary for Qwen2-VL; Gemma 3 gives its
+    # sliding and full layers different rotary embeddings).
+    layer_kwargs = [{} for _ in language_model.layers]
+    captures = [
+        layer.register_forward_pre_hook(lambda module, args, kwargs, seen=seen: seen.update(kwargs), with_kwargs=True)
+        for layer, seen in zip(language_model.layers, layer_kwargs)
+    ]
     try:
         full = withdrawal.model(**inputs, output_hidden_states=True, use_cache=False)
     finally:
-        capture.remove()
+        for capture in captures:
+            capture.remove()
         withdrawal.withdraw_layer = saved
     plan = plan_withdrawal(inputs["input_ids"], inputs.get("attention_mask"), withdrawal.visual_token_ids)
-    cos, sin = (plan.gather(t) for t in layer_kwargs["position_embeddings"])
-    position_ids = layer_kwargs.get("position_ids")
-    if position_ids is not None:
-        position_ids = plan.gather(position_ids[..., None])[..., 0]
+    kept = {}  # per rotary embedding: the kept positions' cos and sin
     hidden = None
     for index, layer in enumerate(language_model.layers):
         candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
         hidden = candidate if hidden is None else torch.cat([hidden, candidate.to(hidden.device)], dim=0)
         copies = index + 1
+        cos, sin = layer_kwargs[index]["position_embeddings"]
+        if id(cos) not in kept:
+            kept[id(cos)] = (plan.gather(cos), plan.gather(sin))
+        cos, sin = kept[id(cos)]
+        position_ids = layer_kwargs[index].get("position_ids")
+        if position_ids is not None:
+            position_ids = tile_batch(plan.gather(position_ids[..., None])[..., 0], copies, 1)
         mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
         slot_positions = tile_batch(plan.kept_positions.to(hidden.device), copies, 1)
         hidden = layer(
             hidden,
             attention_mask=withdrawal.layer_mask(index, hidden, mask_2d, None, slot_positions),
             position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
-            position_ids=None if position_ids is None else tile_batch(position_ids, copies, 1),
+            position_ids=position_ids,
             use_cache=False,
         )
     last = language_model.norm(hidden[:, -positions:])

@@ -19,7 +19,8 @@ Conventions (papers count three incompatible ways; this is VTW's own, "true FLOP
   chunked delta rule (``LinearAttention.prefill_mixing_flops``: chunks of 64, its matrix products
   as transformers runs them), in decoding the recurrent one, 6*dk*dv per value head and token.
 KV-cache bytes: keys and values, kv_heads*head_dim each per token and attention layer, at the
-cache dtype; a recurrent layer's states (convolution inputs, a float32 dk x dv state per value
+cache dtype (a sliding-window layer caches its last window - 1 tokens; a decoding step attends to
+those and itself); a recurrent layer's states (convolution inputs, a float32 dk x dv state per value
 head) have a fixed size, so withdrawal saves none of them.
 Whole forward (LLaVA-1.5: a CLIP or SigLIP ViT runs once per image; its patch tokens, without
 CLIP's class token, go through a two-layer MLP projector): per image the patch convolution
@@ -119,6 +120,7 @@ class DecoderGeometry:
     linear_attention: LinearAttention | None = None  # the geometry of the linear_attention layers
     experts: Experts | None = None  # the MLP of the layers in ``expert_layers``
     expert_layers: tuple[int, ...] = ()
+    sliding_window: int | None = None  # of the sliding_attention layers: their cache keeps window - 1 tokens
 
     @classmethod
     def from_config(cls, config) -> "DecoderGeometry":
@@ -126,6 +128,9 @@ class DecoderGeometry:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         layer_types = tuple(text.layer_types) if getattr(text, "layer_types", None) else None
+        window = getattr(text, "sliding_window", None)
+        if layer_types is None and window:  # Mistral: every layer slides
+            layer_types = ("sliding_attention",) * text.num_hidden_layers
         linear = None
         if layer_types and "linear_attention" in layer_types:
             linear = LinearAttention(
@@ -159,10 +164,17 @@ class DecoderGeometry:
             linear_attention=linear,
             experts=experts,
             expert_layers=expert_layers,
+            sliding_window=window if layer_types and "sliding_attention" in layer_types else None,
         )
 
     def is_linear(self, layer: int) -> bool:
         return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
+
+    def cached_tokens(self, layer: int, tokens: int) -> int:
+        """How many of ``tokens`` a layer's KV cache holds: a sliding-window layer its last window - 1."""
+        if self.layer_types is not None and self.layer_types[layer] == "sliding_attention":
+            return min(tokens, self.sliding_window - 1)
+        return tokens
 
     def mlp_flops(self, layer: int) -> int:
         """One token through one layer's MLP (gated: three matrices; or its active experts)."""
@@ -224,8 +236,8 @@ class DecoderGeometry:
         for i in range(self.num_layers):
             if self.is_linear(i):
                 mixing = self.linear_attention.decode_mixing_flops()
-            else:
-                mixing = self.pair_flops() * (context + 1 - (num_visual if i >= k else 0))
+            else:  # the new token attends to the keys its layer has cached, and to itself
+                mixing = self.pair_flops() * (self.cached_tokens(i, context - (num_visual if i >= k else 0)) + 1)
             total += self.token_flops(i) + mixing
         return total
 
@@ -252,7 +264,7 @@ class DecoderGeometry:
         k = self._withdrawn(withdraw_layer)
         per_token_layer = 2 * self.num_kv_heads * self.head_dim * dtype_bytes
         attention = sum(
-            per_token_layer * (num_tokens if i < k else num_tokens - num_visual)
+            per_token_layer * self.cached_tokens(i, num_tokens if i < k else num_tokens - num_visual)
             for i in range(self.num_layers)
             if not self.is_linear(i)
         )

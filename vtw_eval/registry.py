@@ -13,6 +13,7 @@ BACKENDS = {
     "vtw_qwen2_5_vl": "vtw_eval.backends.qwen2_vl.VTWQwen2_5VL",
     "vtw_qwen3_vl": "vtw_eval.backends.qwen3_vl.VTWQwen3VL",
     "vtw_qwen3_5": "vtw_eval.backends.qwen3_5.VTWQwen3_5",
+    "vtw_gemma3": "vtw_eval.backends.gemma3.VTWGemma3",
 }
 
 

@@ -98,7 +98,6 @@ class VTWBackend(lmms):
     injected_visual_features: str | None = None  # visual features added between decoder layers, if any
     recurrent_layer_types: tuple[str, ...] = ()  # config.layer_types entries that are recurrent layers
     default_generation_kwargs: dict = {}  # under the task's generation_kwargs, as the lmms-eval backend's
-    cuts_at_stop_strings = True  # answers end at the task's `until` strings, as lmms-eval's simple backends do
 
     def __init__(
         self,
@@ -590,9 +589,7 @@ class VTWBackend(lmms):
         adapter cuts answers at them); its cost goes to ``accounting``."""
         gen_kwargs = {**self.default_generation_kwargs, **gen_kwargs}
         until = gen_kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        if not self.cuts_at_stop_strings:
-            until = []
+        until = self.stop_strings([until] if isinstance(until, str) else list(until))
         temperature = float(gen_kwargs.pop("temperature", 0) or 0)
         do_sample = bool(gen_kwargs.pop("do_sample", False)) or temperature > 0
         pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
@@ -633,6 +630,10 @@ class VTWBackend(lmms):
             self.withdrawal.withdraw_layer, timer, image_token_runs(input_ids, self.withdrawal.visual_token_ids[0]),
         )  # fmt: skip
         return [self.finish_answer(text) for text in texts]
+
+    def stop_strings(self, until: list[str]) -> list[str]:
+        """The task's ``until`` strings that end an answer (all of them, as lm-evaluation-harness)."""
+        return until
 
     def decode_answer(self, tokens: torch.Tensor) -> str:
         """An answer's text from its generated tokens."""

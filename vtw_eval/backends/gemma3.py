@@ -1,0 +1,113 @@
+"""`vtw_gemma3`: Gemma 3 checkpoints (`Gemma3ForConditionalGeneration`) with VTW.
+
+Prompts and visuals as lmms-eval 0.7.3's ``gemma3`` builds them (``models/simple/gemma3.py``): a
+system turn of one text part (Gemma's template folds it into the first user turn), then the
+user turn with the doc's images, and a video's frames as images, before its text (``<image>``
+and ``<image N>`` removed); each image goes through a JPEG data URL (quality 85), as lmms-eval
+sends it; the processor pads each batch to a multiple of 8 tokens. Answers are cut at the task's
+``until`` strings except ``"\\n\\n"`` and not stripped, as lmms-eval's are.
+
+Nothing is declared to the engine beyond the defaults: Gemma 3's image tokens attend to each other
+bidirectionally in prefill (``token_type_ids``), which concerns layers < K only (layers >= K hold
+no image token); five of every six layers use a sliding window, which the engine counts in
+original positions; its local and global rotary embeddings are gathered per layer.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from lmms_eval.models.model_utils.load_video import read_video
+from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
+from PIL import Image
+from transformers import Gemma3ForConditionalGeneration
+
+from vtw_eval.backends import arguments
+from vtw_eval.backends.base import Visual, VTWBackend
+
+
+class VTWGemma3(VTWBackend):
+    model_classes = {"gemma3": Gemma3ForConditionalGeneration}
+    # lmms-eval's gemma3 generation defaults, under the task's generation_kwargs.
+    default_generation_kwargs = {
+        "max_new_tokens": 128,
+        "temperature": 0.0,
+        "top_p": None,
+        "top_k": None,
+        "num_beams": 1,
+    }
+
+    def __init__(
+        self,
+        pretrained: str,
+        min_pixels: int = 256 * 28 * 28,
+        max_pixels: int = 1605632,
+        max_num_frames: int = 32,
+        system_prompt: str | None = "You are a helpful assistant.",
+        **kwargs,
+    ) -> None:
+        # lmms-eval's gemma3 takes pixel budgets and hands them to a processor that resizes every
+        # image to its fixed size anyway; they are accepted (and checked) for its command lines.
+        arguments.integer("min_pixels", min_pixels)
+        arguments.integer("max_pixels", max_pixels)
+        self.max_num_frames = arguments.integer("max_num_frames", max_num_frames)
+        self.system_prompt = system_prompt
+        super().__init__(pretrained, **kwargs)
+
+    def _video_frames(self, path: str) -> np.ndarray:
+        """``max_num_frames`` frames sampled uniformly, read as lmms-eval's gemma3 reads them."""
+        return read_video(path, num_frm=self.max_num_frames)
+
+    def build_prompt(self, context: str, visuals: list[Visual]) -> str:
+        context = re.sub(r"<image \d+>", "", context.replace("<image>", ""))
+        images = sum(1 if isinstance(v, Image.Image) else len(v) for v in visuals)  # a video: its frames
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": [*[{"type": "image"}] * images, {"type": "text", "text": context}]})
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+        """Each row's images as lmms-eval sends them (JPEG data URLs), the processor's padding to a
+        multiple of 8, and no second BOS where the template has one."""
+        images = [
+            image
+            for visual in visuals
+            for image in ([visual] if isinstance(visual, Image.Image) else [Image.fromarray(f) for f in visual])
+        ]
+        # The processor decodes the data URLs itself, as it does for lmms-eval's chat-template call
+        # (its JPEG decoder is not PIL's: decoding here would change pixels).
+        as_sent = [
+            encode_image_to_data_url(image, image_format="JPEG", convert_rgb=True, quality=85) for image in images
+        ]
+        boi = self.processor.boi_token
+        rows, start = [], 0
+        for prompt in prompts:  # the processor takes each row's images as a list of their own
+            count = prompt.count(boi)
+            rows.append(as_sent[start : start + count])
+            start += count
+        bos = self.tokenizer.bos_token
+        inputs = self.processor(
+            text=prompts,
+            images=rows if as_sent else None,
+            padding=True,
+            pad_to_multiple_of=8,
+            add_special_tokens=not (bos and prompts[0].startswith(bos)),
+            return_tensors="pt",
+        )
+        return {
+            key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
+            for key, value in inputs.items()
+        }
+
+    def stop_strings(self, until: list[str]) -> list[str]:
+        """lmms-eval's gemma3 never stops at a blank line (it would cut answers short)."""
+        return [stop for stop in until if stop != "\n\n"]
+
+    def decode_answer(self, tokens: torch.Tensor) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def finish_answer(self, text: str) -> str:
+        return text  # lmms-eval's gemma3 does not strip its answers
