@@ -11,6 +11,7 @@ from reference import reference_vtw_logits, visual_ids
 from tiny_models import (
     QWEN3_FAMILIES,
     build_tiny_gemma3,
+    build_tiny_glm4v,
     build_tiny_llava,
     build_tiny_llava_onevision,
     build_tiny_qwen2_vl,
@@ -19,6 +20,7 @@ from tiny_models import (
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.backends.gemma3 import VTWGemma3
+from vtw_eval.backends.glm4v import VTWGlm4v
 from vtw_eval.backends.llava import VTWLlava, VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
 from vtw_eval.backends.qwen3_5 import VTWQwen3_5
@@ -32,6 +34,7 @@ BUILDERS = {
     "llava_onevision": build_tiny_llava_onevision,
     # Gemma 3: bidirectional image attention in prefill, sliding layers 0-2 (window 8), two rotary embeddings.
     "gemma3": build_tiny_gemma3,
+    "glm4v": build_tiny_glm4v,  # 3-D rotary positions on half of each head
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
     # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
@@ -48,7 +51,7 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-ADAPTERS = (VTWLlava, VTWLlavaOnevision, VTWGemma3, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
+ADAPTERS = (VTWLlava, VTWLlavaOnevision, VTWGemma3, VTWGlm4v, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
 
 
 def load(path, attn_implementation: str = "sdpa"):

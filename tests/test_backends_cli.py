@@ -11,6 +11,7 @@ import pytest
 from lmms_eval.api.instance import Instance
 from tiny_models import (
     build_tiny_gemma3,
+    build_tiny_glm4v,
     build_tiny_llava,
     build_tiny_llava_onevision,
     build_tiny_qwen2_vl,
@@ -33,6 +34,7 @@ BACKENDS = {
     "vtw_qwen3_vl": lambda path: build_tiny_qwen3(path, "qwen3_vl_moe"),
     "vtw_qwen3_5": lambda path: build_tiny_qwen3(path, "qwen3_5_moe"),
     "vtw_gemma3": build_tiny_gemma3,
+    "vtw_glm4v": build_tiny_glm4v,
 }
 
 

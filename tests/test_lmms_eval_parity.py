@@ -1,9 +1,9 @@
 """At K = L the VTW backends answer as lmms-eval's own backend for the family, through the CLI.
 
-lmms-eval's ``qwen3_vl`` and ``qwen3_5`` (their chat classes, what ``--model qwen3_vl`` runs) and
-``gemma3`` load bfloat16; the VTW backend is given the same dtype. Answers are compared doc for doc on the tiny
-MME-format task, after a check that they differ across docs (a comparison of constant answers
-would prove nothing).
+lmms-eval's ``qwen3_vl`` and ``qwen3_5`` (their chat classes, what ``--model qwen3_vl`` runs),
+``gemma3`` and ``glm4v`` load bfloat16; the VTW backend is given the same dtype. Answers are
+compared doc for doc on the tiny MME-format task, after a check that they differ across docs (a
+comparison of constant answers would prove nothing).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import build_tiny_gemma3, build_tiny_qwen3
+from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_qwen3
 
 from vtw_eval.run import run_lmms_eval
 
@@ -21,6 +21,8 @@ FAMILIES = {
     # Thinking off: a random model never closes its thinking, and every answer would be empty.
     "qwen3_5": ("vtw_qwen3_5", lambda path: build_tiny_qwen3(path, "qwen3_5"), ",enable_thinking=False"),
     "gemma3": ("vtw_gemma3", build_tiny_gemma3, ""),
+    # lmms-eval's glm4v loads the dense class only for a path naming "Flash" (GLM-4.6V-Flash).
+    "glm4v": ("vtw_glm4v", lambda path: build_tiny_glm4v(path.with_name("GLM-tiny-Flash")), ""),
 }
 
 

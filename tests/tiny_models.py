@@ -338,3 +338,52 @@ def build_tiny_gemma3(path: str | Path, num_layers: int = 4, seed: int = 0, slid
         image_seq_length=4,
     )
     return _save(path, model, processor)
+
+
+# GLM-4.1V's chat format: the role tags, an image part as its start, pad and end tokens.
+GLM4V_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tiny_glm4v(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """A Glm4vForConditionalGeneration (GLM-4.1V): 14 px patches merged 2x2, 3-D rotary
+    positions on half of each head, image start/end markers around the image pads."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    markers = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|image|>",
+               "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>"]  # fmt: skip
+    tokenizer.add_tokens(markers, special_tokens=True)
+    tokenizer.chat_template = GLM4V_CHAT_TEMPLATE
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=3, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5,
+                         "rope_theta": 1e4},
+    )  # fmt: skip
+    vision = dict(
+        depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, image_size=28, patch_size=14,
+    )  # fmt: skip
+    config = transformers.Glm4vConfig(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"),
+        image_start_token_id=ids("<|begin_of_image|>"), image_end_token_id=ids("<|end_of_image|>"),
+        video_start_token_id=ids("<|begin_of_video|>"), video_end_token_id=ids("<|end_of_video|>"),
+    )  # fmt: skip
+    model = transformers.Glm4vForConditionalGeneration(config).eval()
+    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    processor = transformers.Glm4vProcessor(
+        image_processor=transformers.Glm4vImageProcessor(size=size),
+        video_processor=transformers.Glm4vVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        chat_template=GLM4V_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)

@@ -510,11 +510,21 @@ class VTWBackend(lmms):
         images = [v for v in visuals if isinstance(v, Image.Image)]
         videos = [v for v in visuals if isinstance(v, np.ndarray)]
         kwargs = {"videos": videos} if videos else {}  # processors without video support refuse the key
-        inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True, **kwargs)
+        inputs = self.processor(
+            images=images or None, text=prompts, return_tensors="pt", padding=True,
+            add_special_tokens=self.adds_special_tokens(prompts), **kwargs,
+        )  # fmt: skip
         return {
             key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
             for key, value in inputs.items()
         }
+
+    def adds_special_tokens(self, prompts: list[str]) -> bool:
+        """Whether the tokenizer adds its special tokens to the prompts: not when the chat template
+        already starts them with BOS (transformers' rule in ``apply_chat_template``, which
+        lmms-eval's chat-template backends go through)."""
+        bos = self.tokenizer.bos_token
+        return not (bos and prompts[0].startswith(bos))
 
     def _batch_inputs(self, chunk) -> dict[str, torch.Tensor]:
         visuals = [self._visuals(args) for args in chunk]

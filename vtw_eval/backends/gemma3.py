@@ -70,8 +70,8 @@ class VTWGemma3(VTWBackend):
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
-        """Each row's images as lmms-eval sends them (JPEG data URLs), the processor's padding to a
-        multiple of 8, and no second BOS where the template has one."""
+        """Each row's images as lmms-eval sends them (JPEG data URLs) and the processor's padding
+        to a multiple of 8."""
         images = [
             image
             for visual in visuals
@@ -88,13 +88,12 @@ class VTWGemma3(VTWBackend):
             count = prompt.count(boi)
             rows.append(as_sent[start : start + count])
             start += count
-        bos = self.tokenizer.bos_token
         inputs = self.processor(
             text=prompts,
             images=rows if as_sent else None,
             padding=True,
             pad_to_multiple_of=8,
-            add_special_tokens=not (bos and prompts[0].startswith(bos)),
+            add_special_tokens=self.adds_special_tokens(prompts),
             return_tensors="pt",
         )
         return {
