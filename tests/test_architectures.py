@@ -12,6 +12,7 @@ from tiny_models import (
     QWEN3_FAMILIES,
     build_tiny_gemma3,
     build_tiny_glm4v,
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_onevision,
     build_tiny_qwen2_vl,
@@ -21,6 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.backends.gemma3 import VTWGemma3
 from vtw_eval.backends.glm4v import VTWGlm4v
+from vtw_eval.backends.internvl import VTWInternVL
 from vtw_eval.backends.llava import VTWLlava, VTWLlavaOnevision
 from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
 from vtw_eval.backends.qwen3_5 import VTWQwen3_5
@@ -35,6 +37,7 @@ BUILDERS = {
     # Gemma 3: bidirectional image attention in prefill, sliding layers 0-2 (window 8), two rotary embeddings.
     "gemma3": build_tiny_gemma3,
     "glm4v": build_tiny_glm4v,  # 3-D rotary positions on half of each head
+    "internvl": build_tiny_internvl,  # tiles of 4 tokens each, plus a thumbnail
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
     # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
@@ -51,7 +54,17 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-ADAPTERS = (VTWLlava, VTWLlavaOnevision, VTWGemma3, VTWGlm4v, VTWQwen2VL, VTWQwen2_5VL, VTWQwen3VL, VTWQwen3_5)
+ADAPTERS = (
+    VTWLlava,
+    VTWLlavaOnevision,
+    VTWGemma3,
+    VTWGlm4v,
+    VTWInternVL,
+    VTWQwen2VL,
+    VTWQwen2_5VL,
+    VTWQwen3VL,
+    VTWQwen3_5,
+)
 
 
 def load(path, attn_implementation: str = "sdpa"):

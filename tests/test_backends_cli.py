@@ -12,6 +12,7 @@ from lmms_eval.api.instance import Instance
 from tiny_models import (
     build_tiny_gemma3,
     build_tiny_glm4v,
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_onevision,
     build_tiny_qwen2_vl,
@@ -35,6 +36,7 @@ BACKENDS = {
     "vtw_qwen3_5": lambda path: build_tiny_qwen3(path, "qwen3_5_moe"),
     "vtw_gemma3": build_tiny_gemma3,
     "vtw_glm4v": build_tiny_glm4v,
+    "vtw_internvl": build_tiny_internvl,
 }
 
 
@@ -172,3 +174,38 @@ def test_qwen3_answers_and_arguments(tmp_path):
     assert plain.build_prompt("Is it red ?", []).endswith("<think>\n\n</think>\n\n")
     with pytest.raises(ValueError, match=r"enable_thinking='maybe' is not accepted; use true or false"):
         VTWQwen3_5.create_from_arg_string(f"pretrained={path},device=cpu,enable_thinking=maybe")
+
+
+def test_gemma3_video_answers_as_lmms_eval_backend(tmp_path):
+    """A video doc, compared in-process with lmms-eval's gemma3: its frames become images, read as
+    lmms-eval reads them. InternVL's processor needs torchcodec to read a video file, which the lock
+    does not hold: vtw_internvl stops naming the doc (lmms-eval's internvl_hf scores "")."""
+    from lmms_eval.models.simple.gemma3 import Gemma3
+
+    from vtw_eval.backends.gemma3 import VTWGemma3
+    from vtw_eval.backends.internvl import VTWInternVL
+
+    videos = [write_video(tmp_path / f"clip{seed}.mp4", frames=8 - 2 * seed) for seed in range(2)]
+    task_dict = {"video": {"test": [{"video": video} for video in videos]}}
+    question, metadata = "What colour is it ?", {"task": "video", "doc_id": 0, "repeats": 1}
+    requests = [
+        Instance("generate_until", (question, {"max_new_tokens": 4}, lambda doc: [doc["video"]], i, "video", "test"),
+                 0, metadata)
+        for i in (0, 1)
+    ]  # fmt: skip
+    path = str(build_tiny_gemma3(tmp_path / "gemma3"))
+    theirs = Gemma3(pretrained=path, device="cpu", device_map="cpu", max_num_frames=3)
+    theirs.task_dict = task_dict
+    expected = theirs.generate_until(requests)
+    answers = {}
+    for layer in ("none", 0):
+        ours = VTWGemma3(pretrained=path, withdraw_layer=layer, dtype="bfloat16", device="cpu", max_num_frames=3)
+        ours.task_dict = task_dict
+        answers[layer] = ours.generate_until(requests)
+    assert answers["none"] == expected and len(set(expected)) == 2
+    assert answers[0] != expected  # the guard: the frames' tokens mattered
+
+    internvl = VTWInternVL(pretrained=str(build_tiny_internvl(tmp_path / "internvl")), device="cpu", num_frames=2)
+    internvl.task_dict = task_dict
+    with pytest.raises(RuntimeError, match=r"\('video', 0\).*torchcodec"):
+        internvl.generate_until(requests[:1])

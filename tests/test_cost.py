@@ -425,3 +425,34 @@ def test_gemma3_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
     if withdraw_layer == 1:  # only the full-attention layer's cache shrinks
         saved = record["kv_cache_bytes_baseline"] - record["kv_cache_bytes_vtw"]
         assert saved == record["visual_tokens"] * 2 * 2 * 16 * 4  # float32: 2 kv heads of 16, keys and values
+
+
+@pytest.mark.parametrize("family", ["gemma3", "glm4v", "internvl"])
+def test_decoder_flops_of_gemma3_glm4v_internvl_equal_torchs_flop_counter(tmp_path, family):
+    """The decoder layers' prefill at K = 2, counted by PyTorch per layer (eager attention: the
+    full n x n products, as the cost model counts them, sliding windows included). Their towers are
+    not modelled: no whole-forward figures."""
+    import re
+
+    from conftest import encode
+    from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtw_eval.engine import visual_token_ids_of
+
+    build = {"gemma3": build_tiny_gemma3, "glm4v": build_tiny_glm4v, "internvl": build_tiny_internvl}[family]
+    path = build(tmp_path / family)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    inputs = encode(AutoProcessor.from_pretrained(path), [("Is there a red square in the image ? Say yes or no .", 2)])
+    VisualTokenWithdrawal(model, 2, "from_attention_mask" if family == "glm4v" else "count")
+    with FlopCounterMode(display=False, depth=10) as counter, torch.no_grad():
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    layers = [name for name in counter.get_flop_counts() if re.search(r"\.language_model\.layers\.\d+$", name)]
+    assert len(layers) == NUM_LAYERS
+    decoder = sum(sum(counter.get_flop_counts()[name].values()) for name in layers)
+    tokens = inputs["input_ids"].shape[1]
+    visual = int(torch.isin(inputs["input_ids"], torch.tensor(visual_token_ids_of(model.config))).sum())
+    assert 0 < visual < tokens
+    assert decoder == DecoderGeometry.from_config(model.config).prefill_flops(tokens, visual, 2)
+    assert whole_model_of(model.config) is None

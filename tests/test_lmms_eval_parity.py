@@ -1,7 +1,7 @@
 """At K = L the VTW backends answer as lmms-eval's own backend for the family, through the CLI.
 
-lmms-eval's ``qwen3_vl`` and ``qwen3_5`` (their chat classes, what ``--model qwen3_vl`` runs),
-``gemma3`` and ``glm4v`` load bfloat16; the VTW backend is given the same dtype. Answers are
+lmms-eval's ``qwen3_vl``, ``qwen3_5`` and ``internvl_hf`` (their chat classes, what ``--model
+qwen3_vl`` runs), ``gemma3`` and ``glm4v`` load bfloat16; the VTW backend is given the same dtype. Answers are
 compared doc for doc on the tiny MME-format task, after a check that they differ across docs (a
 comparison of constant answers would prove nothing).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_qwen3
+from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, build_tiny_qwen3
 
 from vtw_eval.run import run_lmms_eval
 
@@ -23,6 +23,7 @@ FAMILIES = {
     "gemma3": ("vtw_gemma3", build_tiny_gemma3, ""),
     # lmms-eval's glm4v loads the dense class only for a path naming "Flash" (GLM-4.6V-Flash).
     "glm4v": ("vtw_glm4v", lambda path: build_tiny_glm4v(path.with_name("GLM-tiny-Flash")), ""),
+    "internvl_hf": ("vtw_internvl", build_tiny_internvl, ""),
 }
 
 

@@ -387,3 +387,50 @@ def build_tiny_glm4v(path: str | Path, num_layers: int = 4, seed: int = 0) -> Pa
         chat_template=GLM4V_CHAT_TEMPLATE,
     )
     return _save(path, model, processor)
+
+
+# InternVL's chat format (Qwen-style turns): an image part is its context token, which the
+# processor expands into the start token, the context tokens of every tile and the end token.
+INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n"
+).replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
+
+
+def build_tiny_internvl(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """An InternVLForConditionalGeneration (InternVL3 "-hf" layout): an InternViT over 32 px tiles
+    of 8 px patches, pixel-shuffled (downsample 0.5) into 4 tokens a tile, a Qwen2 decoder; images
+    tiled into 1 to 4 tiles plus a thumbnail."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    special = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+               "video_token": "<video>"}  # fmt: skip
+    tokenizer.add_tokens([t for t in special.values() if t not in tokenizer.get_vocab()], special_tokens=True)
+    tokenizer._set_model_specific_special_tokens(special_tokens=special)
+    tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    text = transformers.Qwen2Config(**{**tiny_text_config(len(tokenizer), num_layers).to_dict(), "model_type": "qwen2"})
+    vision = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=[32, 32],
+        patch_size=[8, 8],
+    )  # fmt: skip
+    config = transformers.InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+    )  # fmt: skip
+    model = transformers.InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # at the default scale every image gets the same answer in bfloat16
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.5 if "vision_tower" in name or "multi_modal_projector" in name else 0.1)
+    processor = transformers.InternVLProcessor(
+        image_processor=transformers.GotOcr2ImageProcessor(
+            size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
+        ),
+        video_processor=transformers.InternVLVideoProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        image_seq_length=4,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)

@@ -15,6 +15,7 @@ BACKENDS = {
     "vtw_qwen3_5": "vtw_eval.backends.qwen3_5.VTWQwen3_5",
     "vtw_gemma3": "vtw_eval.backends.gemma3.VTWGemma3",
     "vtw_glm4v": "vtw_eval.backends.glm4v.VTWGlm4v",
+    "vtw_internvl": "vtw_eval.backends.internvl.VTWInternVL",
 }
 
 
