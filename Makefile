@@ -56,10 +56,10 @@ testbed-cache: results/hf_home/.written
 demo: install testbed-cache
 	$(PY) scripts/demo.py
 
-# Two worker processes (pytest-xdist): most of the suite's time is lmms-eval runs, whose start-up
-# (imports, the task index) uses one core.
+# Two worker processes (pytest-xdist; an idle one takes tests queued for the other): most of the
+# suite's time is lmms-eval runs, whose start-up (imports, the task index) uses one core.
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 smoke: install
 	$(PY) -m pytest -q $(SMOKE_TESTS)

@@ -74,3 +74,16 @@ def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, si
             start += count
         images = rows
     return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))
+
+
+# The longest tests (the demo, per-task calibration through the CLI) go first, so that the two
+# `make test` workers (pytest-xdist) do not end with one of them running alone.
+LONGEST_FIRST = ("test_testbed.py", "test_per_task.py", "test_distributed.py", "test_lmms_eval_parity.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file stays
