@@ -200,7 +200,6 @@ class VisualTokenWithdrawal:
         self._seen_tokens = 0  # full-sequence length processed so far in the current batch
         self._prefill = False  # whether the current call is the batch's prefill
         self._reduced_2d_mask: torch.Tensor | None = None  # for the current call, over the reduced cache
-        self._reduced_positions: torch.Tensor | None = None  # original position of each of its slots
         self._layer_masks: dict[str, torch.Tensor | None] = {}  # built once per call and mask kind
         # Per rotary embedding of the call (Gemma 3 has a local and a global one): the decoder's cos,
         # then the kept cos, sin and position ids.
@@ -244,7 +243,6 @@ class VisualTokenWithdrawal:
             self.plan = None  # a text-only batch runs as the unmodified model
         else:
             self._reduced_2d_mask = self.plan.kept_attention_mask
-            self._reduced_positions = self.plan.kept_positions
 
     # -- the model-level hook: plan at prefill, extend the mask at decoding steps ---------------
 
@@ -278,9 +276,6 @@ class VisualTokenWithdrawal:
         else:
             tail = attention_mask[:, -after_prompt:].to(torch.bool)
         self._reduced_2d_mask = torch.cat([self.plan.kept_attention_mask, tail], dim=1)
-        after = torch.arange(self.plan.prompt_length, self.plan.prompt_length + after_prompt, device=input_ids.device)
-        kept = self.plan.kept_positions.to(input_ids.device)
-        self._reduced_positions = torch.cat([kept, after[None].expand(kept.shape[0], -1)], dim=1)
         if kwargs.get("position_ids") is None:
             total = self._seen_tokens + new_tokens
             if self.decoding_positions == "count":
@@ -339,12 +334,21 @@ class VisualTokenWithdrawal:
         """The attention mask of a withdrawn layer, built once per call and mask kind."""
         kind = layer_mask_kind(self.language_model.config, layer_index)
         if kind not in self._layer_masks:
-            mask_2d, positions = (t.to(hidden.device) for t in (self._reduced_2d_mask, self._reduced_positions))
+            mask_2d = self._reduced_2d_mask.to(hidden.device)
+            positions = self._slot_positions(hidden.device) if kind == "sliding_attention" else None
             self._layer_masks[kind] = self.layer_mask(layer_index, hidden, mask_2d, cache, positions)
         return self._layer_masks[kind]
 
+    def _slot_positions(self, device: torch.device) -> torch.Tensor:
+        """The original position of each slot of the current call's reduced sequence: the kept
+        prompt positions, then every token after the prompt, in order."""
+        kept = self.plan.kept_positions.to(device)
+        after_prompt = self._reduced_2d_mask.shape[1] - kept.shape[1]
+        after = torch.arange(self.plan.prompt_length, self.plan.prompt_length + after_prompt, device=device)
+        return torch.cat([kept, after[None].expand(kept.shape[0], -1)], dim=1)
+
     def layer_mask(
-        self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, positions: torch.Tensor
+        self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, positions: torch.Tensor | None
     ) -> torch.Tensor | None:
         """The attention mask of decoder layer ``layer_index`` over a reduced sequence: built by
         transformers' own mask functions, in the format the layer wants, sized against that
@@ -352,7 +356,8 @@ class VisualTokenWithdrawal:
 
         ``hidden`` is the layer's input (batch, tokens, features); ``mask_2d`` (batch, cached + tokens)
         is False at padding and at the spare slots of rows that kept fewer tokens; ``positions`` (the
-        same shape) is each slot's original position, by which a sliding window counts."""
+        same shape; needed by sliding-window layers only) is each slot's original position, by which
+        their window counts."""
         config = self.language_model.config
         kind = layer_mask_kind(config, layer_index)
         if kind in self.recurrent_layer_types:  # the 2D padding mask of the new tokens, or None

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from lmms_eval import utils
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
@@ -60,6 +61,12 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 Visual = Image.Image | np.ndarray  # an image, or a video's frames
 
 
+def jpeg_data_url(image: Image.Image) -> str:
+    """An image as lmms-eval's chat-template backends send it (gemma3, glm4v): a JPEG data URL,
+    quality 85, which the processor decodes again (so the pixels are JPEG's)."""
+    return encode_image_to_data_url(image, image_format="JPEG", mime_type="image/jpeg", convert_rgb=True, quality=85)
+
+
 class StopAtStrings(StoppingCriteria):
     """Stops each row of a batch as soon as its decoded answer holds one of the task's ``until``
     strings (the same test as cutting the answer afterwards, so answers do not change) or ends in
@@ -98,6 +105,8 @@ class VTWBackend(lmms):
     injected_visual_features: str | None = None  # visual features added between decoder layers, if any
     recurrent_layer_types: tuple[str, ...] = ()  # config.layer_types entries that are recurrent layers
     default_generation_kwargs: dict = {}  # under the task's generation_kwargs, as the lmms-eval backend's
+    decode_kwargs: dict = {}  # how the lmms-eval backend decodes answers (beyond skipping special tokens)
+    strips_answers = True  # whether the lmms-eval backend strips its answers
 
     def __init__(
         self,
@@ -514,6 +523,10 @@ class VTWBackend(lmms):
             images=images or None, text=prompts, return_tensors="pt", padding=True,
             add_special_tokens=self.adds_special_tokens(prompts), **kwargs,
         )  # fmt: skip
+        return self._on_device(inputs)
+
+    def _on_device(self, inputs) -> dict[str, torch.Tensor]:
+        """Processor outputs on the model's device, floating-point ones (pixels) in its dtype."""
         return {
             key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
             for key, value in inputs.items()
@@ -647,11 +660,11 @@ class VTWBackend(lmms):
 
     def decode_answer(self, tokens: torch.Tensor) -> str:
         """An answer's text from its generated tokens."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, **self.decode_kwargs)
 
     def finish_answer(self, text: str) -> str:
         """What lmms-eval receives, from the decoded answer cut at the stop strings."""
-        return text.strip()
+        return text.strip() if self.strips_answers else text
 
     def _calibration_answers(self, inputs: dict[str, torch.Tensor], tasks: list[str]) -> list[str]:
         """A vtw_calibration request's answer: this prompt's KL per candidate layer, as JSON."""

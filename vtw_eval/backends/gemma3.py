@@ -20,12 +20,11 @@ import re
 import numpy as np
 import torch
 from lmms_eval.models.model_utils.load_video import read_video
-from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
 from PIL import Image
 from transformers import Gemma3ForConditionalGeneration
 
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend
+from vtw_eval.backends.base import Visual, VTWBackend, jpeg_data_url
 
 
 class VTWGemma3(VTWBackend):
@@ -38,6 +37,8 @@ class VTWGemma3(VTWBackend):
         "top_k": None,
         "num_beams": 1,
     }
+    decode_kwargs = {"clean_up_tokenization_spaces": False}
+    strips_answers = False
 
     def __init__(
         self,
@@ -79,9 +80,7 @@ class VTWGemma3(VTWBackend):
         ]
         # The processor decodes the data URLs itself, as it does for lmms-eval's chat-template call
         # (its JPEG decoder is not PIL's: decoding here would change pixels).
-        as_sent = [
-            encode_image_to_data_url(image, image_format="JPEG", convert_rgb=True, quality=85) for image in images
-        ]
+        as_sent = [jpeg_data_url(image) for image in images]
         boi = self.processor.boi_token
         rows, start = [], 0
         for prompt in prompts:  # the processor takes each row's images as a list of their own
@@ -96,17 +95,8 @@ class VTWGemma3(VTWBackend):
             add_special_tokens=self.adds_special_tokens(prompts),
             return_tensors="pt",
         )
-        return {
-            key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
-            for key, value in inputs.items()
-        }
+        return self._on_device(inputs)
 
     def stop_strings(self, until: list[str]) -> list[str]:
         """lmms-eval's gemma3 never stops at a blank line (it would cut answers short)."""
         return [stop for stop in until if stop != "\n\n"]
-
-    def decode_answer(self, tokens: torch.Tensor) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def finish_answer(self, text: str) -> str:
-        return text  # lmms-eval's gemma3 does not strip its answers

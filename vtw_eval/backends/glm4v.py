@@ -12,18 +12,19 @@ decoding from the 2D attention mask; kept tokens keep their positions.
 from __future__ import annotations
 
 import torch
-from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
 from PIL import Image
 from transformers import Glm4vForConditionalGeneration
 
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend
+from vtw_eval.backends.base import Visual, VTWBackend, jpeg_data_url
 
 
 class VTWGlm4v(VTWBackend):
     # The MoE GLM-4.6V (Glm4vMoeForConditionalGeneration) is not served: its experts are not in the cost model.
     model_classes = {"glm4v": Glm4vForConditionalGeneration}
     decoding_positions = "from_attention_mask"  # multimodal rotary positions follow the 2D mask
+    decode_kwargs = {"clean_up_tokenization_spaces": False}
+    strips_answers = False
 
     def __init__(self, pretrained: str, max_new_tokens: int = 8192, system_prompt: str | None = None, **kwargs) -> None:
         # lmms-eval's glm4v: generation defaults under the task's generation_kwargs, its answer
@@ -45,11 +46,7 @@ class VTWGlm4v(VTWBackend):
 
     def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
         """Images as lmms-eval sends them (JPEG data URLs, which the processor decodes)."""
-        images = [
-            encode_image_to_data_url(v, image_format="JPEG", mime_type="image/jpeg", convert_rgb=True, quality=85)
-            for v in visuals
-            if isinstance(v, Image.Image)
-        ]
+        images = [jpeg_data_url(v) for v in visuals if isinstance(v, Image.Image)]
         inputs = self.processor(
             text=prompts,
             images=images or None,
@@ -58,13 +55,4 @@ class VTWGlm4v(VTWBackend):
             return_tensors="pt",
         )
         inputs.pop("token_type_ids", None)  # lmms-eval's glm4v drops them too
-        return {
-            key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
-            for key, value in inputs.items()
-        }
-
-    def decode_answer(self, tokens: torch.Tensor) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def finish_answer(self, text: str) -> str:
-        return text  # lmms-eval's glm4v does not strip its answers
+        return self._on_device(inputs)

@@ -25,6 +25,8 @@ class VTWInternVL(VTWBackend):
     model_classes = {"internvl": InternVLForConditionalGeneration}
     # lmms-eval's internvl_hf generation defaults, under the task's generation_kwargs.
     default_generation_kwargs = {"max_new_tokens": 1024, "temperature": 0, "top_p": None, "num_beams": 1}
+    decode_kwargs = {"clean_up_tokenization_spaces": False}
+    strips_answers = False
 
     def __init__(
         self, pretrained: str, min_patches: int = 1, max_patches: int = 12, num_frames: int = 32, **kwargs
@@ -58,17 +60,8 @@ class VTWInternVL(VTWBackend):
             **self.image_kwargs,
             **self.video_kwargs,
         )
-        return {
-            key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
-            for key, value in inputs.items()
-        }
+        return self._on_device(inputs)
 
     def stop_strings(self, until: list[str]) -> list[str]:
         """None: lmms-eval's chat internvl_hf answers run to EOS or max_new_tokens."""
         return []
-
-    def decode_answer(self, tokens: torch.Tensor) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def finish_answer(self, text: str) -> str:
-        return text  # lmms-eval's internvl_hf does not strip its answers

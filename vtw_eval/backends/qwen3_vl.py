@@ -33,6 +33,8 @@ class VTWQwen3VL(VTWBackend):
     injected_visual_features = "deepstack_visual_embeds"  # DeepStack, added after the first decoder layers
     # lmms-eval's Qwen3_VL.DEFAULT_GEN_KWARGS, under the task's generation_kwargs.
     default_generation_kwargs = {"max_new_tokens": 128, "temperature": 0.0, "top_p": None, "num_beams": 1}
+    decode_kwargs = {"clean_up_tokenization_spaces": False}
+    strips_answers = False
 
     def __init__(
         self,
@@ -114,20 +116,14 @@ class VTWQwen3VL(VTWBackend):
             padding_side="left",
             return_tensors="pt",
         )
-        return {
-            key: value.to(self._device, self._model.dtype) if value.is_floating_point() else value.to(self._device)
-            for key, value in inputs.items()
-        }
+        return self._on_device(inputs)
 
     def stop_strings(self, until: list[str]) -> list[str]:
         """None: lmms-eval's chat qwen3_vl answers run to EOS or max_new_tokens."""
         return []
 
-    def decode_answer(self, tokens: torch.Tensor) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
     def finish_answer(self, text: str) -> str:
         """With thinking on, the answer is what follows ``</think>`` (nothing when it never ends)."""
         if self.enable_thinking:
             return text.partition("</think>")[2].strip()
-        return text
+        return super().finish_answer(text)
