@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # exactness, one lmms-eval CLI run, vtw-diff on real runs.
 SMOKE_TESTS := tests/test_engine.py tests/test_cli.py tests/test_diff.py
 
-.PHONY: install lock check-latest testbed-cache demo test smoke
+.PHONY: install lock check-latest testbed-cache demo test smoke gpu-check gpu-wheels
 
 # Exactly the lock, nothing resolved: a fresh venv (whenever the lock, pyproject.toml or the
 # interpreter's version changes), every locked package without its dependencies, then the project
@@ -63,3 +63,23 @@ test: install
 
 smoke: install
 	$(PY) -m pytest -q $(SMOKE_TESTS)
+
+# Every check that needs a GPU, in one run (scripts/gpu_check.py; docs/gpu-check.md). Without CUDA
+# it runs them on the CPU at a small size and says which it skipped.
+gpu-check: install
+	$(PY) scripts/gpu_check.py --out results/gpu_check
+
+# What a lent GPU machine's image (Python 3.12, its own CUDA torch, transformers below our range, no
+# lmms-eval, no network) lacks for the GPU check, at the lock's versions, as wheels in .whl/ (about
+# 20 MiB) for scripts/gpu_check_image.sh. Found by running the check on CPU in a venv holding only
+# the image's packages (docs/gpu-check.md). COCO's pycocoevalcap (100 MB) is left out.
+GPU_WHEELS := transformers lmms-eval datasets dill multiprocess evaluate filelock loguru pytz tenacity \
+	qwen-vl-utils openpyxl et-xmlfile pytablewriter dataproperty mbstrdecoder pathvalidate tabledata tcolorpy \
+	typepy chardet
+gpu-wheels:
+	@for name in $(GPU_WHEELS); do grep -qi "^$$name==" requirements.lock || { echo "$$name is not in requirements.lock" >&2; exit 1; }; done
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$(foreach name,$(GPU_WHEELS),$(shell grep -i '^$(name)==' requirements.lock))
+	@du -ch .whl/*.whl | tail -1

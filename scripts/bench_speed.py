@@ -214,13 +214,15 @@ def main(argv=None) -> None:
         if getattr(args, name) is None:
             setattr(args, name, defaults[0 if gpu else 1])
     if args.architecture == "llava":
-        model = random_llava(args.layers, args.hidden, args.intermediate, args.heads)
+        with device:  # initialised where it runs: a 7B model is not built on the CPU first
+            model = random_llava(args.layers, args.hidden, args.intermediate, args.heads)
         inputs = llava_prompt(model, args.text_before, args.text_after)
         withdrawal_traits = {}
     else:
         from vtw_eval.backends.qwen3_5 import VTWQwen3_5  # what the backend declares to the engine
 
-        model = random_qwen3_5(args.layers, args.hidden, args.intermediate, args.heads, args.linear_heads)
+        with device:
+            model = random_qwen3_5(args.layers, args.hidden, args.intermediate, args.heads, args.linear_heads)
         inputs = qwen3_5_prompt(model, args.text_before, args.text_after)
         withdrawal_traits = dict(
             decoding_positions=VTWQwen3_5.decoding_positions, recurrent_layer_types=VTWQwen3_5.recurrent_layer_types

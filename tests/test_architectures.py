@@ -6,43 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_LAYERS, encode, picture
+from conftest import NUM_LAYERS
 from reference import reference_vtw_logits, visual_ids
 from tiny_models import (
-    QWEN3_FAMILIES,
+    BUILDERS,
     build_tiny_gemma3,
-    build_tiny_glm4v,
-    build_tiny_internvl,
     build_tiny_llava,
-    build_tiny_llava_onevision,
     build_tiny_qwen2_vl,
     build_tiny_qwen3,
+    encode,
+    picture,
+    withdrawal,
 )
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vtw_eval.backends.gemma3 import VTWGemma3
-from vtw_eval.backends.glm4v import VTWGlm4v
-from vtw_eval.backends.internvl import VTWInternVL
-from vtw_eval.backends.llava import VTWLlava, VTWLlavaOnevision
-from vtw_eval.backends.qwen2_vl import VTWQwen2_5VL, VTWQwen2VL
-from vtw_eval.backends.qwen3_5 import VTWQwen3_5
-from vtw_eval.backends.qwen3_vl import VTWQwen3VL
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in, layer_mask_kind
 
-BUILDERS = {
-    # Sliding windows of 8 tokens, shorter than the prompts: every layer, or layers 2 and 3.
-    "llava_mistral_window": lambda path: build_tiny_llava(path, sliding_window=("mistral", 8)),
-    "llava_qwen2_window": lambda path: build_tiny_llava(path, sliding_window=("qwen2", 8)),
-    "llava_onevision": build_tiny_llava_onevision,
-    # Gemma 3: bidirectional image attention in prefill, sliding layers 0-2 (window 8), two rotary embeddings.
-    "gemma3": build_tiny_gemma3,
-    "glm4v": build_tiny_glm4v,  # 3-D rotary positions on half of each head
-    "internvl": build_tiny_internvl,  # tiles of 4 tokens each, plus a thumbnail
-    "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
-    "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
-    # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
-    **{family: lambda path, family=family: build_tiny_qwen3(path, family) for family in QWEN3_FAMILIES},
-}
 QUESTION = "Is there a red square in the image ?"
 
 
@@ -54,32 +33,8 @@ def tiny(request, tmp_path_factory):
     return request.param, path, processor
 
 
-ADAPTERS = (
-    VTWLlava,
-    VTWLlavaOnevision,
-    VTWGemma3,
-    VTWGlm4v,
-    VTWInternVL,
-    VTWQwen2VL,
-    VTWQwen2_5VL,
-    VTWQwen3VL,
-    VTWQwen3_5,
-)
-
-
 def load(path, attn_implementation: str = "sdpa"):
     return AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation).eval()
-
-
-def withdrawal(model, withdraw_layer):
-    """The engine as the architecture's backend sets it up (the adapter says how decoding
-    positions are derived, which visual features the decoder adds between layers and which
-    layers are recurrent)."""
-    adapter = next(a for a in ADAPTERS if model.config.model_type in a.model_classes)
-    return VisualTokenWithdrawal(
-        model, withdraw_layer, adapter.decoding_positions, adapter.injected_visual_features,
-        adapter.recurrent_layer_types,
-    )  # fmt: skip
 
 
 def generate(model, inputs, **kwargs):

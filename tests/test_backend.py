@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, load_model, picture
+from conftest import NUM_LAYERS, load_model
 from lmms_eval.api.instance import Instance
 from reference import reference_vtw_logits
+from tiny_models import picture
 
 from vtw_eval.backends.arguments import withdraw_layer as parse_withdraw_layer
 from vtw_eval.backends.llava import VTWLlava

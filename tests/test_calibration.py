@@ -8,8 +8,9 @@ import re
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, encode, load_model
+from conftest import NUM_LAYERS, load_model
 from reference import reference_vtw_logits
+from tiny_models import encode
 from transformers import LlavaForConditionalGeneration
 
 from vtw_eval.backends.llava import VTWLlava

@@ -188,7 +188,8 @@ def test_whole_model_terms_by_hand(tiny_llava_path):
 def test_whole_model_flops_equal_torchs_flop_counter(tiny_llava_path, withdraw_layer):
     """The whole prefill forward as generate runs it (logits_to_keep=1), counted by PyTorch: the
     counter sees every matrix product (convolution, linear layers, attention), as the model does."""
-    from conftest import encode, load_model
+    from conftest import load_model
+    from tiny_models import encode
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoProcessor
 
@@ -229,8 +230,7 @@ def test_qwen2_vl_whole_model_terms_by_hand(tmp_path):
 def test_qwen2_vl_whole_model_flops_equal_torchs_flop_counter(tmp_path, withdraw_layer):
     """Two images of different sizes (so per-image attention counts), one prefill with
     logits_to_keep=1, counted by PyTorch."""
-    from conftest import picture
-    from tiny_models import build_tiny_qwen2_vl
+    from tiny_models import build_tiny_qwen2_vl, picture
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -326,8 +326,7 @@ def test_qwen3_whole_model_flops_equal_torchs_flop_counter(tmp_path, family):
     """Qwen3-VL's ViT with its DeepStack mergers, Qwen3.5's Gated DeltaNet layers (a prompt over
     two chunks of the delta rule), the experts: one prefill with logits_to_keep=1 at K = 2,
     counted by PyTorch."""
-    from conftest import picture
-    from tiny_models import build_tiny_qwen3
+    from tiny_models import build_tiny_qwen3, picture
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -363,9 +362,8 @@ def test_qwen3_whole_model_flops_equal_torchs_flop_counter(tmp_path, family):
 def test_qwen3_5_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
     """Keys and values of the attention layer (kept tokens only from K on) and the fixed-size
     states of the three Gated DeltaNet layers, bfloat16 with float32 recurrent states."""
-    from conftest import picture
     from lmms_eval.api.instance import Instance
-    from tiny_models import build_tiny_qwen3
+    from tiny_models import build_tiny_qwen3, picture
 
     from vtw_eval.backends.qwen3_5 import VTWQwen3_5
 
@@ -395,9 +393,8 @@ def test_qwen3_5_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
 def test_gemma3_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
     """Gemma 3's sliding layers (window 8) keep their last 7 tokens whatever the prompt's length,
     its full-attention layer every token (the kept ones from K on)."""
-    from conftest import picture
     from lmms_eval.api.instance import Instance
-    from tiny_models import build_tiny_gemma3
+    from tiny_models import build_tiny_gemma3, picture
 
     from vtw_eval.backends.gemma3 import VTWGemma3
 
@@ -434,8 +431,7 @@ def test_decoder_flops_of_gemma3_glm4v_internvl_equal_torchs_flop_counter(tmp_pa
     not modelled: no whole-forward figures."""
     import re
 
-    from conftest import encode
-    from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl
+    from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, encode
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

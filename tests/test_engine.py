@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, encode, load_model
+from conftest import NUM_LAYERS, load_model
 from reference import reference_vtw_logits
+from tiny_models import encode
 
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in, plan_withdrawal
 

@@ -1,15 +1,18 @@
-"""Small random checkpoints in the llava-hf layout (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
-Qwen2-VL, Qwen2.5-VL), built offline from configs and saved with their processors.
+"""Small random checkpoints of every served family (LLaVA-1.5, -NeXT, -OneVision, Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, GLM-4.1V, InternVL), built offline from configs and saved
+with their processors, and the prompts the tests give them.
 
 They load with ``from_pretrained(path)`` exactly like the hub checkpoints, so every code path a
-GPU user runs is exercised by the tests without a model hub.
+GPU user runs is exercised by the tests (and scripts/gpu_check.py) without a model hub.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from transformers import (
     CLIPImageProcessor,
     LlavaConfig,
@@ -21,6 +24,8 @@ from transformers import (
     LlavaProcessor,
 )
 
+from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.registry import BACKENDS
 from vtw_eval.small_llava import (
     CHAT_TEMPLATE,
     QWEN_SPECIAL_TOKENS,
@@ -434,3 +439,71 @@ def build_tiny_internvl(path: str | Path, num_layers: int = 4, seed: int = 0) ->
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
     return _save(path, model, processor)
+
+
+BUILDERS = {
+    # Sliding windows of 8 tokens, shorter than the prompts: every layer, or layers 2 and 3.
+    "llava_mistral_window": lambda path: build_tiny_llava(path, sliding_window=("mistral", 8)),
+    "llava_qwen2_window": lambda path: build_tiny_llava(path, sliding_window=("qwen2", 8)),
+    "llava_onevision": build_tiny_llava_onevision,
+    # Gemma 3: bidirectional image attention in prefill, sliding layers 0-2 (window 8), two rotary embeddings.
+    "gemma3": build_tiny_gemma3,
+    "glm4v": build_tiny_glm4v,  # 3-D rotary positions on half of each head
+    "internvl": build_tiny_internvl,  # tiles of 4 tokens each, plus a thumbnail
+    "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
+    "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
+    # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
+    **{family: lambda path, family=family: build_tiny_qwen3(path, family) for family in QWEN3_FAMILIES},
+}
+
+
+def withdrawal(model, withdraw_layer: int | None) -> VisualTokenWithdrawal:
+    """The engine as the architecture's backend sets it up (the adapter says how decoding
+    positions are derived, which visual features the decoder adds between layers and which
+    layers are recurrent)."""
+    for path in BACKENDS.values():
+        module, name = path.rsplit(".", 1)
+        adapter = getattr(importlib.import_module(module), name)
+        if model.config.model_type in adapter.model_classes:
+            break
+    else:
+        raise ValueError(f"no vtw_eval backend serves {model.config.model_type!r}")
+    return VisualTokenWithdrawal(
+        model, withdraw_layer, adapter.decoding_positions, adapter.injected_visual_features,
+        adapter.recurrent_layer_types,
+    )  # fmt: skip
+
+
+def picture(seed: int, size=(40, 30)) -> Image.Image:
+    """A deterministic picture with a few coloured boxes."""
+    generator = torch.Generator().manual_seed(seed)
+    image = Image.new("RGB", size, tuple(int(c) for c in torch.randint(0, 255, (3,), generator=generator)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y = (int(v) for v in torch.randint(0, min(size) - 8, (2,), generator=generator))
+        colour = tuple(int(c) for c in torch.randint(0, 255, (3,), generator=generator))
+        draw.rectangle([x, y, x + 8, y + 8], fill=colour)
+    return image
+
+
+def prompt(processor, text: str, num_images: int) -> str:
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, sizes: list | None = None) -> dict:
+    """Processor inputs for a batch of (question, number of images) prompts, left-padded; with
+    ``sizes``, row i's pictures are ``sizes[i]`` (width, height) pixels."""
+    texts = [prompt(processor, text, count) for text, count in texts_and_counts]
+    images = [
+        picture(seed + i, *([sizes[i]] if sizes else []))
+        for i, (_, count) in enumerate(texts_and_counts)
+        for _ in range(count)
+    ]
+    if type(processor).__name__.startswith("Gemma3") and images:  # it takes each row's images as a list
+        rows, start = [], 0
+        for _, count in texts_and_counts:
+            rows.append(images[start : start + count])
+            start += count
+        images = rows
+    return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))

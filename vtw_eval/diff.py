@@ -174,11 +174,11 @@ def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:
     changes = []
     baseline = runs[0]
     for task in baseline.data["results"]:
-        base_answers = _answers(baseline, task)
+        base_answers = sample_answers(baseline, task)
         if base_answers is None:
             continue
         for run in runs[1:]:
-            answers = _answers(run, task)
+            answers = sample_answers(run, task)
             if answers is None:
                 continue
             common = sorted(set(base_answers) & set(answers))
@@ -195,7 +195,7 @@ def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:
     return changes
 
 
-def _answers(run: Run, task: str) -> dict | None:
+def sample_answers(run: Run, task: str) -> dict | None:
     """doc_id -> filtered answer, from the --log_samples file written beside the results file."""
     prefix = run.results_file.name.removesuffix("_results.json")
     samples_file = run.results_file.parent / f"{prefix}_samples_{task}.jsonl"

@@ -1,10 +1,9 @@
 """lmms-eval model registration (entry-point group ``lmms_eval.models``).
 
-lmms-eval loads this while ``lmms_eval.models`` is still initialising, so it imports only the
-manifest type: importing ``lmms_eval.models`` here, or torch, would break plugin loading.
+lmms-eval loads this while ``lmms_eval.models`` is still initialising, so it imports nothing at
+module level: importing ``lmms_eval.models`` here, or torch, would break plugin loading, and so
+would importing this module first in a fresh process (lmms-eval would find it half-initialised).
 """
-
-from lmms_eval.models.registry_v2 import ModelManifest
 
 BACKENDS = {
     "vtw_llava": "vtw_eval.backends.llava.VTWLlava",
@@ -19,5 +18,8 @@ BACKENDS = {
 }
 
 
-def manifests() -> list[ModelManifest]:
+def manifests() -> list:
+    """The backends as lmms-eval's ``ModelManifest`` entries (lmms-eval calls this)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return [ModelManifest(model_id=name, simple_class_path=path) for name, path in BACKENDS.items()]

@@ -19,7 +19,6 @@ import re
 
 import numpy as np
 import torch
-from lmms_eval.models.model_utils.load_video import read_video
 from PIL import Image
 from transformers import Gemma3ForConditionalGeneration
 
@@ -59,6 +58,8 @@ class VTWGemma3(VTWBackend):
 
     def _video_frames(self, path: str) -> np.ndarray:
         """``max_num_frames`` frames sampled uniformly, read as lmms-eval's gemma3 reads them."""
+        from lmms_eval.models.model_utils.load_video import read_video  # needs PyAV, which images do not
+
         return read_video(path, num_frm=self.max_num_frames)
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:

@@ -8,7 +8,6 @@ image and video pad tokens; the vision start/end markers stay (see README).
 from __future__ import annotations
 
 import numpy as np
-from lmms_eval.models.model_utils.load_video import load_video_decord
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -38,6 +37,9 @@ class VTWQwen2VL(VTWBackend):
 
     def _video_frames(self, path: str) -> np.ndarray:
         """``max_num_frames`` frames spread evenly over the video, read as lmms-eval reads them."""
+        # Imported here: lmms-eval's video module needs PyAV, which image tasks do not.
+        from lmms_eval.models.model_utils.load_video import load_video_decord
+
         return load_video_decord(path, self.max_num_frames)
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:

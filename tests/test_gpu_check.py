@@ -1,0 +1,110 @@
+"""scripts/gpu_check.py keeps working without a GPU: on this CPU it runs every check a CPU can at a
+small size, says which it skipped, and its comparisons fail when what they compare differs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vtw_eval.run import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_whole_check_runs_on_cpu(tmp_path, gpu_check):
+    completed = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["device"] == "cpu" and set(record["seconds"]) == {*gpu_check.SECTIONS, "total"}
+    checks = {(c["section"], c["name"]): c for c in record["checks"]}
+    assert {c["status"] for c in checks.values()} <= {"pass", "skipped", "reported"}
+    # What a CPU cannot do is listed as skipped, with why.
+    skipped = {name: c["detail"] for (section, name), c in checks.items() if c["status"] == "skipped"}
+    assert "no CUDA" in skipped["device = CPU (logits, greedy tokens)"] and "flash_attention_2" in skipped
+
+    from tiny_models import BUILDERS
+
+    for family in ["llava", *BUILDERS]:  # every tiny model against the naive reference, both kernels
+        figures = checks[("exactness", family)]["figures"]
+        assert figures["eager_vs_reference"] <= 1e-4 and figures["sdpa_vs_reference"] <= 1e-4
+        same, total = figures["bfloat16_greedy_equal_float32"]
+        assert total == 10 and 0 <= same <= total
+    split = [c for (section, _), c in checks.items() if section == "split"]
+    assert [c["name"].split(" ")[0] for c in split] == ["K=2", "K=6", "K=none"]
+    assert all("cpu/disk" in c["name"] and c["figures"]["equal"] == 8 for c in split)
+    committed = json.loads(gpu_check.ANSWERS_FILE.read_text())["answers"]
+    for task in committed:
+        if checks[("testbed", task)]["status"] == "pass":
+            assert checks[("testbed", task)]["figures"]["compared"] == min(8, len(committed[task]))
+
+    for stem, architecture in (("speed", "llava"), ("speed_qwen3_5", "qwen3_5")):
+        summary = json.loads((tmp_path / "bench" / f"{stem}.json").read_text())
+        assert summary["architecture"] == architecture
+        assert [row["withdraw_layer"] for row in summary["rows"]] == [4, 0, 2]
+        for row in summary["rows"]:
+            assert row["kv_cache_bytes_measured"] == row["kv_cache_bytes_analytic"]
+            # The tower, projector and head do not shrink: the whole model's limit is below the decoder's.
+            assert 1 <= row["analytic_whole_model_prefill_speedup"] <= row["analytic_prefill_speedup"]
+        assert (tmp_path / "bench" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+        assert checks[("speed", f"{architecture}: KV cache = cost model")]["status"] == "pass"
+
+
+def outcome(gpu_check, logits, tokens, scores):
+    return gpu_check.Outcome(torch.tensor(logits), torch.tensor(tokens), torch.tensor(scores))
+
+
+def test_agreement_allows_ties_only(gpu_check):
+    tolerance = 1e-4
+    scores = [[[0.5, 0.2, 0.1], [0.3, 0.3 - tolerance / 2, 0.0]]]  # step 1's best two are within it
+    expected = {0: outcome(gpu_check, [[1.0, 2.0]], [[0, 0]], scores)}
+    same = {0: outcome(gpu_check, [[1.0, 2.0 + tolerance / 2]], [[0, 0]], scores)}
+    assert gpu_check.agreement(expected, same, tolerance) == (
+        True, {"max_logit_difference": pytest.approx(tolerance / 2, rel=0.01), "ties": 0, "diverged": []}
+    )  # fmt: skip
+    tie = {0: outcome(gpu_check, [[1.0, 2.0]], [[0, 1]], scores)}
+    ok, found = gpu_check.agreement(expected, tie, tolerance)
+    assert ok and found["ties"] == 1
+    diverged = {0: outcome(gpu_check, [[1.0, 2.0]], [[2, 1]], scores)}  # step 1: 0.5 vs 0.1
+    ok, found = gpu_check.agreement(expected, diverged, tolerance)
+    assert not ok and found["diverged"] == ["K=0 row 0 step 0"]
+    far = {0: outcome(gpu_check, [[1.0, 2.0 + 2 * tolerance]], [[0, 0]], scores)}
+    assert not gpu_check.agreement(expected, far, tolerance)[0]
+
+
+def test_compare_answers_names_the_first_differing_doc(gpu_check):
+    want = {"0": "yes", "1": "no", "2": "red"}
+    assert gpu_check.compare_answers("pope", {"0": "yes", "1": "no"}, want, "K=7").status == "pass"
+    check = gpu_check.compare_answers("pope", {"0": "yes", "1": "yes"}, want, "K=7")
+    assert check.status == "FAIL" and "doc 1: CPU 'no', here 'yes'" in check.detail
+    assert gpu_check.compare_answers("pope", {}, want, "K=7").status == "FAIL"
+
+
+def test_split_device_map_by_hand(gpu_check):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(REPO_ROOT / "testbed" / "model")
+    device_map = gpu_check.split_device_map(model, 4, 0, "cpu")
+    assert {name for name, place in device_map.items() if place == "cpu"} == {
+        *(f"model.language_model.layers.{i}" for i in range(4, 8)), "model.language_model.norm", "lm_head"
+    }  # fmt: skip
+    assert {name for name, place in device_map.items() if place == 0} == {
+        "model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
+        "model.language_model.rotary_emb", *(f"model.language_model.layers.{i}" for i in range(4)),
+    }  # fmt: skip
+    for name, _ in model.named_parameters():  # every weight has a place
+        assert any(name == key or name.startswith(key + ".") for key in device_map), name
