@@ -29,7 +29,9 @@ Without CUDA the same checks run on the CPU at a small size (bench_speed at 4 la
 the testbed run on the first 8 docs of each task); the comparison of the device with the CPU is
 skipped (it would compare the CPU with itself), and the split puts half the decoder on disk
 instead of a second device (accelerate's hooks load it layer by layer). Exit status 1 when a check
-failed, 2 for bad arguments.
+failed, 2 for bad arguments. Under DIR: gpu_check.json, bench.log, testbed.log (lmms-eval's log)
+and bench/ (each architecture's speed JSON and PNG): seven files, few enough for a lent machine to
+send back.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def speed_checks(device: torch.device, out: Path) -> list[Check]:
         command = [sys.executable, str(REPO_ROOT / "scripts" / "bench_speed.py"), "--architecture", architecture]
         command += ["--out", str(out / "bench"), *size]
         completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-        (out / f"bench_{architecture}.log").write_text(completed.stdout + completed.stderr)
+        with open(out / "bench.log", "a") as log:
+            log.write(f"$ {' '.join(command)}\n{completed.stdout}{completed.stderr}\n")
         if completed.returncode != 0:
             detail = f"bench_speed.py exit {completed.returncode}: {completed.stderr.strip()[-300:]}"
             checks.append(Check("speed", architecture, "FAIL", detail))
@@ -424,7 +427,7 @@ def record_answers(demo: Path) -> None:
     print(f"wrote {ANSWERS_FILE}: {sum(map(len, record['answers'].values()))} answers at K={record['withdraw_layer']}")
 
 
-def testbed_checks(device: torch.device, out: Path, limit: int | None) -> list[Check]:
+def testbed_checks(device: torch.device, out: Path, work: Path, limit: int | None) -> list[Check]:
     from vtw_eval.run import run_lmms_eval
     from vtw_eval.tasks import TASKS_DIR
     from vtw_eval.testbed.hub_cache import hub_environment, write_hub_cache
@@ -446,16 +449,18 @@ def testbed_checks(device: torch.device, out: Path, limit: int | None) -> list[C
         checks.append(
             Check("testbed", "coco2017_cap_val", "skipped", f"{' and '.join(missing)} missing (its metric needs them)")
         )
-    hf_home = out / "hf_home"
+    hf_home = work / "hf_home"
     write_hub_cache(REPO_ROOT / "testbed" / "data", hf_home)
     env = {**hub_environment(hf_home), "NVIDIA_TF32_OVERRIDE": "0"}  # float32 as on the CPU
     k = committed["withdraw_layer"]
     model_args = f"pretrained={REPO_ROOT / 'testbed' / 'model'},device={device},withdraw_layer={k}"
-    model_args += f",accounting_file={out / 'testbed' / 'requests.jsonl'}"
+    model_args += f",accounting_file={work / 'testbed' / 'requests.jsonl'}"
     extra = ["--batch_size", "8", "--log_samples", *(["--limit", str(limit)] if limit else [])]
+    # A lent machine sends back a few files only: the run stays in the work folder, its log comes out.
     results_file = run_lmms_eval(
-        "vtw_llava", model_args, ",".join(tasks), out / "testbed", *extra, include_path=TASKS_DIR, env=env
-    )
+        "vtw_llava", model_args, ",".join(tasks), work / "testbed", *extra, include_path=TASKS_DIR, env=env,
+        log_file=out / "testbed.log",
+    )  # fmt: skip
     answers = run_answers(results_file)
     for task in tasks:
         checks.append(compare_answers(task, answers.get(task, {}), committed["answers"][task], f"K={k}, batch 8"))
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             "speed": lambda: speed_checks(device, out),
             "exactness": lambda: exactness_checks(device, Path(work), families),
             "split": lambda: split_checks(device, Path(work)),
-            "testbed": lambda: testbed_checks(device, out, limit),
+            "testbed": lambda: testbed_checks(device, out, Path(work), limit),
         }
         for section in tqdm(sections, desc="gpu check"):
             start = time.perf_counter()
