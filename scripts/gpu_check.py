@@ -10,14 +10,14 @@
   measured/analytic against the decoder-only, whole-model and layer-rate limits at K = 0, 8, 16,
   24; decoding per token at batch 1 and 8 against the bytes model; peak memory. These are figures;
   the check is that the measured KV cache equals the cost model's at every K.
-- exactness: the tiny models of tests/tiny_models.py in float32 with eager and sdpa attention
-  (flash_attention_2 too, in bfloat16 as it has no float32 kernels, where flash_attn is
-  installed). On the device and on the CPU, at every K: the last position's logits and 5 greedy
-  tokens of a left-padded batch (one and two images). Passes when the logits agree within
-  ``TOLERANCE`` and the tokens are equal (a token may differ only where the CPU's two best logits
-  are within the tolerance: a tie, counted). Also the device's logits at every K against the naive
-  reference forward of tests/reference.py computed on the CPU, and bfloat16's greedy agreement
-  with float32 (reported).
+- exactness: the tiny models of tests/tiny_models.py in float32 with eager and sdpa attention.
+  On the device and on the CPU, at every K: the last position's logits and 5 greedy tokens of a
+  left-padded batch (one and two images). Passes when the logits agree within ``TOLERANCE`` and
+  the tokens are equal (a token may differ only where the CPU's two best logits are within the
+  tolerance: a tie, counted). Where flash_attn is installed, flash_attention_2 the same way against
+  sdpa, both in bfloat16 on the device (it has no float32 kernels). Also the device's logits at
+  every K against the naive reference forward of tests/reference.py computed on the CPU, and
+  bfloat16's greedy agreement with float32 (reported).
 - split: the testbed LLaVA with half its decoder on the GPU and half on the CPU (``device_map``),
   K before and after the split and no withdrawal: greedy answers to 8 GQA questions equal the
   unsplit model's on the device.
@@ -65,21 +65,10 @@ ANSWERS_FILE = REPO_ROOT / "results" / "testbed_answers_cpu.json"
 QUESTIONS = [("Is there a red square in the image ?", 1), ("What colour is the left box ?", 2)]
 NEW_TOKENS = 5
 SMALL_BENCH = {  # the CPU's geometry: real layer pattern, tiny width
-    "llava": ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--heads", "4"],
-    "qwen3_5": ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--heads", "1", "--linear-heads", "2"],
+    "llava": "--layers 4 --hidden 64 --intermediate 128 --heads 4".split(),
+    "qwen3_5": "--layers 4 --hidden 64 --intermediate 128 --heads 1 --linear-heads 2".split(),
 }
-SMALL_BENCH_RUN = [
-    "--withdraw-layers",
-    "0,2",
-    "--repeats",
-    "1",
-    "--new-tokens",
-    "2",
-    "--batch",
-    "2",
-    "--batch-repeats",
-    "1",
-]
+SMALL_BENCH_RUN = "--withdraw-layers 0,2 --repeats 1 --new-tokens 2 --batch 2 --batch-repeats 1".split()
 
 
 @dataclasses.dataclass
@@ -256,25 +245,27 @@ def exactness_checks(device: torch.device, work: Path, families: list[str] | Non
 
         failures, parts, figures = [], [], {}
         for implementation in implementations:
-            dtype = torch.bfloat16 if implementation == "flash_attention_2" else torch.float32
-            cpu_model = load("sdpa" if implementation == "flash_attention_2" else implementation, "cpu", torch.float32)
-            model = (
-                cpu_model if device.type == "cpu" and dtype == torch.float32 else load(implementation, device, dtype)
-            )
-            if device.type == "cuda":
+            if implementation == "flash_attention_2":  # no float32 kernels: against sdpa in bfloat16, same device
+                dtype, against = torch.bfloat16, "sdpa bf16"
+                expected_model, model = load("sdpa", device, dtype), load(implementation, device, dtype)
+            else:
+                dtype, against = torch.float32, "CPU"
+                expected_model = load(implementation, "cpu", dtype)
+                model = expected_model if device.type == "cpu" else load(implementation, device, dtype)
+            if model is not expected_model:
                 ok, found = agreement(
-                    outcomes(cpu_model, inputs, pad),
+                    outcomes(expected_model, to_device(inputs, expected_model.device, dtype), pad),
                     outcomes(model, to_device(inputs, device, dtype), pad),
                     TOLERANCE[dtype],
                 )
-                figures[f"{implementation}_vs_cpu"] = found
+                figures[f"{implementation}_vs_{against.replace(' ', '_')}"] = found
                 parts.append(
-                    f"{implementation} = CPU: max |d| {found['max_logit_difference']:.1e}, {found['ties']} ties"
+                    f"{implementation} = {against}: max |d| {found['max_logit_difference']:.1e}, {found['ties']} ties"
                 )
                 if not ok:
-                    failures.append(f"{implementation} vs CPU {found}")
-            if dtype == torch.float32:
-                difference = reference_difference(model, cpu_model, processor, device)
+                    failures.append(f"{implementation} vs {against} {found}")
+            if dtype == torch.float32:  # expected_model is the CPU's
+                difference = reference_difference(model, expected_model, processor, device)
                 figures[f"{implementation}_vs_reference"] = difference
                 parts.append(f"{implementation} = reference: {difference:.1e}")
                 if difference > TOLERANCE[torch.float32]:
@@ -384,10 +375,11 @@ def split_checks(device: torch.device, work: Path) -> list[Check]:
         detail = f"{len(expected) - len(differing)}/{len(expected)} answers equal the unsplit model's on {device}"
         if differing:
             detail += f"; first differing: {expected[differing[0]]!r} vs {got[differing[0]]!r}"
-        if len(set(expected)) < 2:
-            differing, detail = [None], detail + "; every question got the same answer: proves nothing"
+        proves_nothing = len(set(expected)) < 2  # the guard: the questions must get different answers
+        if proves_nothing:
+            detail += "; every question got the same answer: proves nothing"
         figures = {"equal": len(expected) - len(differing), "answers": got}
-        checks.append(Check("split", name, "FAIL" if differing else "pass", detail, figures))
+        checks.append(Check("split", name, "FAIL" if differing or proves_nothing else "pass", detail, figures))
     return checks
 
 
@@ -407,8 +399,8 @@ def run_answers(results_file: Path) -> dict[str, dict[str, str]]:
     return answers
 
 
-def record_answers(demo: Path) -> None:
-    """results/testbed_answers_cpu.json from a finished ``make demo``: its VTW run's answers."""
+def record_answers(demo: Path, answers_file: Path) -> None:
+    """``answers_file`` from a finished ``make demo``: its VTW run's answers."""
     from vtw_eval.run import newest_results_file
 
     claims = json.loads((demo / "claims.json").read_text())
@@ -423,16 +415,16 @@ def record_answers(demo: Path) -> None:
         "batch_size": config.get("batch_size"),
         "answers": run_answers(results_file),
     }
-    ANSWERS_FILE.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {ANSWERS_FILE}: {sum(map(len, record['answers'].values()))} answers at K={record['withdraw_layer']}")
+    answers_file.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {answers_file}: {sum(map(len, record['answers'].values()))} answers at K={record['withdraw_layer']}")
 
 
-def testbed_checks(device: torch.device, out: Path, work: Path, limit: int | None) -> list[Check]:
+def testbed_checks(device: torch.device, out: Path, work: Path, limit: int | None, answers_file: Path) -> list[Check]:
     from vtw_eval.run import run_lmms_eval
     from vtw_eval.tasks import TASKS_DIR
     from vtw_eval.testbed.hub_cache import hub_environment, write_hub_cache
 
-    committed = json.loads(ANSWERS_FILE.read_text())
+    committed = json.loads(answers_file.read_text())
     tasks = sorted(committed["answers"])
     checks = []
     # COCO's metrics need pycocoevalcap (a 100 MB wheel, too big to carry to a lent GPU) and Java.
@@ -500,11 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", help="exactness: these tiny models only (comma-separated); default all")
     parser.add_argument("--limit", type=int, help="testbed: docs per task; default all on a GPU, 8 on CPU")
     parser.add_argument(
-        "--record-answers", metavar="DEMO_DIR", help=f"write {ANSWERS_FILE.name} from make demo's output"
+        "--record-answers", metavar="DEMO_DIR", help="write --answers from make demo's output (DEMO_DIR)"
     )
+    parser.add_argument("--answers", default=str(ANSWERS_FILE), help="testbed: the CPU answers to compare with")
     args = parser.parse_args(argv)
+    answers_file = Path(args.answers)
     if args.record_answers:
-        record_answers(Path(args.record_answers))
+        record_answers(Path(args.record_answers), answers_file)
         return 0
     sections = args.sections.split(",")
     unknown = [s for s in sections if s not in SECTIONS]
@@ -518,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--families {args.families}: unknown {sorted(set(families) - set(accepted))}; accepted: {accepted}"
         )
-    if "testbed" in sections and not ANSWERS_FILE.is_file():
-        parser.error(f"{ANSWERS_FILE} is missing: run `make demo`, then --record-answers results/demo")
+    if "testbed" in sections and not answers_file.is_file():
+        parser.error(f"--answers {answers_file}: no such file; run `make demo`, then --record-answers results/demo")
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda:0" if gpu else "cpu")
@@ -535,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             "speed": lambda: speed_checks(device, out),
             "exactness": lambda: exactness_checks(device, Path(work), families),
             "split": lambda: split_checks(device, Path(work)),
-            "testbed": lambda: testbed_checks(device, out, Path(work), limit),
+            "testbed": lambda: testbed_checks(device, out, Path(work), limit, answers_file),
         }
         for section in tqdm(sections, desc="gpu check"):
             start = time.perf_counter()

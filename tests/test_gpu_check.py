@@ -29,24 +29,29 @@ FAMILIES = ["llava", "gemma3", "qwen3_5"]
 
 
 def test_the_whole_check_runs_on_cpu(tmp_path, gpu_check):
+    """One answer of the committed file changed: that check, and only that one, fails (exit 1)."""
+    committed = json.loads(gpu_check.ANSWERS_FILE.read_text())
+    committed["answers"]["pope"]["3"] = "changed"
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(committed))
+    out = tmp_path / "out"
     completed = subprocess.run(
-        [sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path), "--families", ",".join(FAMILIES)],
+        [sys.executable, "scripts/gpu_check.py", "--out", str(out), "--families", ",".join(FAMILIES),
+         "--answers", str(answers)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == [
-        "bench.log",
-        "gpu_check.json",
-        "speed.json",
-        "speed.png",
-        "speed_qwen3_5.json",
-        "speed_qwen3_5.png",
+    assert completed.returncode == 1, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "doc 3: CPU 'changed', here" in completed.stdout
+    # Seven files, few enough for a lent machine to send back.
+    assert sorted(path.name for path in out.rglob("*") if path.is_file()) == [
+        "bench.log", "gpu_check.json", "speed.json", "speed.png", "speed_qwen3_5.json", "speed_qwen3_5.png",
         "testbed.log",
-    ]  # fmt: skip  (few enough for a lent machine to send back)
-    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    ]  # fmt: skip
+    record = json.loads((out / "gpu_check.json").read_text())
     assert record["device"] == "cpu" and set(record["seconds"]) == {*gpu_check.SECTIONS, "total"}
     checks = {(c["section"], c["name"]): c for c in record["checks"]}
-    assert {c["status"] for c in checks.values()} <= {"pass", "skipped", "reported"}
+    assert [name for (section, name), c in checks.items() if c["status"] == "FAIL"] == ["pope"]
+    assert {c["status"] for c in checks.values()} <= {"pass", "skipped", "reported", "FAIL"}
     # What a CPU cannot do is listed as skipped, with why.
     skipped = {name: c["detail"] for (section, name), c in checks.items() if c["status"] == "skipped"}
     assert "no CUDA" in skipped["device = CPU (logits, greedy tokens)"] and "flash_attention_2" in skipped
@@ -60,20 +65,20 @@ def test_the_whole_check_runs_on_cpu(tmp_path, gpu_check):
     split = [c for (section, _), c in checks.items() if section == "split"]
     assert [c["name"].split(" ")[0] for c in split] == ["K=2", "K=6", "K=none"]
     assert all("cpu/disk" in c["name"] and c["figures"]["equal"] == 8 for c in split)
-    committed = json.loads(gpu_check.ANSWERS_FILE.read_text())["answers"]
-    for task in committed:
-        if checks[("testbed", task)]["status"] == "pass":
-            assert checks[("testbed", task)]["figures"]["compared"] == min(8, len(committed[task]))
+    for task in committed["answers"]:
+        if checks[("testbed", task)]["status"] != "skipped":
+            assert checks[("testbed", task)]["figures"]["compared"] == 8
+    assert checks[("testbed", "pope")]["figures"]["differing"] == ["3"]
 
     for stem, architecture in (("speed", "llava"), ("speed_qwen3_5", "qwen3_5")):
-        summary = json.loads((tmp_path / "bench" / f"{stem}.json").read_text())
+        summary = json.loads((out / "bench" / f"{stem}.json").read_text())
         assert summary["architecture"] == architecture
         assert [row["withdraw_layer"] for row in summary["rows"]] == [4, 0, 2]
         for row in summary["rows"]:
             assert row["kv_cache_bytes_measured"] == row["kv_cache_bytes_analytic"]
             # The tower, projector and head do not shrink: the whole model's limit is below the decoder's.
             assert 1 <= row["analytic_whole_model_prefill_speedup"] <= row["analytic_prefill_speedup"]
-        assert (tmp_path / "bench" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "bench" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
         assert checks[("speed", f"{architecture}: KV cache = cost model")]["status"] == "pass"
 
 
