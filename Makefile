@@ -58,9 +58,11 @@ demo: install testbed-cache
 	$(PY) scripts/demo.py
 
 # Two worker processes (pytest-xdist; an idle one takes tests queued for the other): most of the
-# suite's time is lmms-eval runs, whose start-up (imports, the task index) uses one core.
+# suite's time is lmms-eval runs, whose start-up (imports, the task index) uses one core. One torch
+# thread each (their lmms-eval runs inherit it): two workers of two threads on two cores fight
+# (401 tests: 11:19 against 14:10).
 test: install
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
 smoke: install
 	$(PY) -m pytest -q $(SMOKE_TESTS)
