@@ -7,6 +7,7 @@ import torch
 from conftest import NUM_LAYERS, load_model
 from reference import reference_vtw_logits
 from tiny_models import encode
+from tolerances import GUARD, REORDERED, SAME_ARITHMETIC, assert_close
 
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in, plan_withdrawal
 
@@ -57,7 +58,7 @@ def test_reference_without_withdrawal_reproduces_the_model(model, processor):
     for layer in range(NUM_LAYERS):
         keep = torch.ones_like(inputs["input_ids"][0], dtype=torch.bool)
         logits, _ = reference_vtw_logits(model, inputs, layer, keep=keep)
-        torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+        assert_close(logits, full, SAME_ARITHMETIC)
 
 
 @pytest.mark.parametrize("withdraw_layer", [NUM_LAYERS, None])
@@ -85,7 +86,7 @@ def test_prefill_matches_naive_reference(model, processor, withdraw_layer, num_i
         assert vtw.plan.kept_positions[0].tolist() == kept_positions.tolist()
     else:  # no withdrawal: every position leaves the decoder
         logits = logits[:, kept_positions]
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert_close(logits, expected, SAME_ARITHMETIC)
 
 
 def test_withdrawal_changes_the_output(model, processor):
@@ -93,7 +94,7 @@ def test_withdrawal_changes_the_output(model, processor):
     inputs = encode(processor, [(QUESTION, 1)])
     full = model(**inputs).logits[:, -1]
     vtw = VisualTokenWithdrawal(model, withdraw_layer=0)
-    assert not torch.allclose(model(**inputs).logits[:, -1], full, atol=1e-4)
+    assert not torch.allclose(model(**inputs).logits[:, -1], full, atol=GUARD)
     vtw.remove()
 
 
@@ -115,7 +116,7 @@ def test_cached_generation_equals_recompute_from_scratch(model, processor, withd
 
     assert torch.equal(cached.sequences, sequence)
     for got, want in zip(cached.logits, step_logits):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert_close(got, want, REORDERED)
     # What each layer's cache holds: every token below K, kept tokens only from K on.
     prompt_length, generated = inputs["input_ids"].shape[1], 5  # the last token is never fed back
     kept = prompt_length - 2 * 16
@@ -150,7 +151,7 @@ def test_batch_equals_one_by_one(model, processor, withdraw_layer):
         answer = single.sequences[0, single_inputs["input_ids"].shape[1] :].tolist()
         # A batch row that ended early is filled with the pad token (3).
         assert batch.sequences[index, prompt_length:].tolist() == answer + [3] * (6 - len(answer))
-        torch.testing.assert_close(batch.logits[0][index], single.logits[0][0], atol=1e-4, rtol=0)
+        assert_close(batch.logits[0][index], single.logits[0][0], REORDERED)
     vtw.remove()
 
 
@@ -174,7 +175,7 @@ def test_eager_and_sdpa_agree(tiny_llava_path, processor, withdraw_layer):
         results.append(generate(model, inputs, output_logits=True, return_dict_in_generate=True))
     assert torch.equal(results[0].sequences, results[1].sequences)
     for eager, sdpa in zip(results[0].logits, results[1].logits):
-        torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=0)
+        assert_close(eager, sdpa, REORDERED)
 
 
 @pytest.fixture(scope="module")
@@ -200,4 +201,4 @@ def test_llava_next_any_resolution_matches_reference(tiny_llava_next, withdraw_l
     assert (inputs["input_ids"] == model.config.image_token_id).sum() > 16  # more than one tile
     if withdraw_layer == NUM_LAYERS:
         logits = logits[:, kept_positions]
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert_close(logits, expected, SAME_ARITHMETIC)

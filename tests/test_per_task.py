@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from conftest import NUM_LAYERS
 
 from vtw_eval import diff
@@ -107,9 +106,9 @@ def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_pa
     _, changed, _, log = run(tiny_llava_path, tmp_path / "threshold", task_dir, ",kl_threshold=0.0005", "vtw_tiny_mme")
     assert "VTW calibration of vtw_tiny_mme:" in log
     assert changed["per_task"]["vtw_tiny_mme"]["kl_threshold"] == 0.0005
-    torch.testing.assert_close(
-        torch.tensor(changed["per_task"]["vtw_tiny_mme"]["mean_kl"]), torch.tensor(entries["vtw_tiny_mme"]["mean_kl"])
-    )  # the same prompts and criterion: the same curve, chosen at another threshold
+    # The same prompts and criterion on the same machine: the same arithmetic, the same curve,
+    # chosen at another threshold.
+    assert changed["per_task"]["vtw_tiny_mme"]["mean_kl"] == entries["vtw_tiny_mme"]["mean_kl"]
     _, changed, _, log = run(tiny_llava_path, tmp_path / "criterion", task_dir, ",kl_tokens=3", "vtw_tiny_mme")
     assert "VTW calibration of vtw_tiny_mme:" in log
     assert changed["per_task"]["vtw_tiny_mme"]["kl_tokens"] == 3
