@@ -92,6 +92,7 @@ def test_agreement_allows_ties_only(gpu_check):
     expected = {0: outcome(gpu_check, [[1.0, 2.0]], [[0, 0]], scores)}
     same = {0: outcome(gpu_check, [[1.0, 2.0 + tolerance / 2]], [[0, 0]], scores)}
     assert gpu_check.agreement(expected, same, tolerance) == (
+        # 2.0 + 5e-5 in float32 is off by up to 1.2e-7 (an ulp of 2): 1% of 5e-5 covers it.
         True, {"max_logit_difference": pytest.approx(tolerance / 2, rel=0.01), "ties": 0, "diverged": []}
     )  # fmt: skip
     tie = {0: outcome(gpu_check, [[1.0, 2.0]], [[0, 1]], scores)}
@@ -126,3 +127,87 @@ def test_split_device_map_by_hand(gpu_check):
     }  # fmt: skip
     for name, _ in model.named_parameters():  # every weight has a place
         assert any(name == key or name.startswith(key + ".") for key in device_map), name
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--limit", "0"], "argument --limit: '0' is not accepted; use an integer >= 1"),
+        (["--limit", "-3"], "argument --limit: '-3' is not accepted; use an integer >= 1"),
+        (["--families", ""], "argument --families: '' is not accepted; give one or more names"),
+        (["--sections", "speed,"], "argument --sections: 'speed,' is not accepted; give one or more names"),
+        (["--sections", "speed,fast"], "--sections speed,fast: unknown ['fast']; accepted: speed, exactness"),
+        (["--record-answers", "nowhere"], "--record-answers nowhere: no claims.json there"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_them(gpu_check, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(arguments)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def immutable(path):
+    """``chattr +i``: not even root may create files in ``path`` (the suite runs as root, whom
+    permission bits do not stop); the test is skipped where the file system cannot."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    return path
+
+
+def test_unwritable_outputs_are_refused_before_any_section(gpu_check, tmp_path, capsys, monkeypatch):
+    def never(*args):
+        raise AssertionError("a section ran")
+
+    monkeypatch.setattr(gpu_check, "speed_checks", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, message in [
+        (a_file, f"--out: {a_file} is a file, not a folder"),
+        (a_file / "sub", f"--out: cannot create directory {a_file / 'sub'} (Not a directory)"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.main(["--out", str(out), "--sections", "speed"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    immutable(locked)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.main(["--out", str(locked), "--sections", "speed"])
+        assert exit_info.value.code == 2
+        assert f"--out: cannot write {locked / 'gpu_check.json'} (Operation not permitted)" in capsys.readouterr().err
+        answers = tmp_path / "demo"
+        answers.mkdir()
+        (answers / "claims.json").write_text("{}")
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.main(["--record-answers", str(answers), "--answers", str(locked / "answers.json")])
+        assert exit_info.value.code == 2 and "--answers: cannot write" in capsys.readouterr().err
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_json_after_each_section_and_the_table_whatever_happens_to_it(gpu_check, tmp_path, capsys, monkeypatch):
+    """The first section's checks are on disk before the second runs; when the folder stops taking
+    files, the table is still printed, the run exits 1 and says what it could not write."""
+    out = tmp_path / "out"
+    seen = {}
+
+    def first(device, out):
+        return [gpu_check.Check("speed", "first", "pass", "measured")]
+
+    def second(device, work, families):
+        seen["on disk"] = json.loads((out / "gpu_check.json").read_text())["checks"]
+        immutable(out)
+        return [gpu_check.Check("exactness", "second", "pass", "compared")]
+
+    monkeypatch.setattr(gpu_check, "speed_checks", first)
+    monkeypatch.setattr(gpu_check, "exactness_checks", second)
+    try:
+        code = gpu_check.main(["--out", str(out), "--sections", "speed,exactness"])
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], capture_output=True)  # (it may never have been set)
+    captured = capsys.readouterr()
+    assert [check["name"] for check in seen["on disk"]] == ["first"]
+    assert code == 1 and "first" in captured.out and "second" in captured.out  # the table, both checks
+    assert f"could not write {out / 'gpu_check.json'}" in captured.err
+    assert [c["name"] for c in json.loads((out / "gpu_check.json").read_text())["checks"]] == ["first"]
