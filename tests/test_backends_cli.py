@@ -209,3 +209,52 @@ def test_gemma3_video_answers_as_lmms_eval_backend(tmp_path):
     internvl.task_dict = task_dict
     with pytest.raises(RuntimeError, match=r"\('video', 0\).*torchcodec"):
         internvl.generate_until(requests[:1])
+
+
+def video_backend(family: str, path, **kwargs):
+    """A video-taking backend at its default ``max_num_frames`` (32), on the tiny model of its family."""
+    from vtw_eval.backends.gemma3 import VTWGemma3
+    from vtw_eval.backends.qwen3_vl import VTWQwen3VL
+
+    if family == "qwen2_vl":
+        return VTWQwen2VL(pretrained=str(build_tiny_qwen2_vl(path, "2")), device="cpu", **kwargs)
+    if family == "qwen3_vl":  # a small pixel budget per frame, for the suite's time
+        model = build_tiny_qwen3(path, "qwen3_vl")
+        return VTWQwen3VL(pretrained=str(model), device="cpu", min_pixels=2 * 32 * 32, max_pixels=64 * 64, **kwargs)
+    return VTWGemma3(pretrained=str(build_tiny_gemma3(path)), device="cpu", **kwargs)
+
+
+def video_request(video: str, doc_id: int = 0) -> Instance:
+    arguments = ("What colour is it ?", {"max_new_tokens": 3}, lambda doc: [doc["video"]], doc_id, "video", "test")
+    return Instance("generate_until", arguments, idx=0, metadata={"task": "video", "doc_id": doc_id, "repeats": 1})
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "gemma3"])
+def test_a_video_shorter_than_max_num_frames_runs(tmp_path, family):
+    """7 frames under the default 32: every frame once (Qwen3-VL: 6, the even count its video
+    input takes), where lmms-eval's chat qwen3_vl stops the run."""
+    video = write_video(tmp_path / "clip.mp4", frames=7)
+    lm = video_backend(family, tmp_path / "model", withdraw_layer=1)
+    assert lm.max_num_frames == 32 if family != "qwen3_vl" else lm.video_kwargs["nframes"] == 32
+    lm.task_dict = {"video": {"test": [{"video": video}]}}
+    (answer,) = lm.generate_until([video_request(video)])
+    assert isinstance(answer, str)
+    if family == "qwen3_vl":
+        assert lm._video_element(video)["nframes"] == 6
+        inputs = lm._batch_inputs([video_request(video).args])
+        assert inputs["video_grid_thw"][0, 0].item() == 3  # 6 frames, paired by the temporal patch
+    else:
+        frames = lm._video_frames(video)
+        assert len(frames) == 7 and all((a != b).any() for a, b in zip(frames, frames[1:]))  # none twice
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "gemma3"])
+def test_an_unreadable_video_names_the_doc_the_path_and_the_cause(tmp_path, family):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    lm = video_backend(family, tmp_path / "model", withdraw_layer=1)
+    lm.task_dict = {"video": {"test": [{"video": "unused"}, {"video": str(broken)}]}}
+    with pytest.raises(RuntimeError, match=rf"doc 1 of task video: cannot read the video {broken}: \w+") as error:
+        lm.generate_until([video_request(str(broken), doc_id=1)])
+    assert "Invalid data found when processing input" in str(error.value)  # ffmpeg's reason
+    assert "torchvision" not in str(error.value)  # not a later fallback's error

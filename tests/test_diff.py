@@ -14,10 +14,11 @@ from vtw_eval.run import run_lmms_eval
 
 @pytest.fixture(scope="module")
 def real_runs(tiny_llava_path, tmp_path_factory):
-    """Baseline and K=1 runs of the tiny tasks through the lmms-eval CLI, with samples."""
+    """Baseline and K=1 runs of the tiny tasks through the lmms-eval CLI, with samples; K=1 again
+    on 4 docs a task (``--limit``; MME scores question pairs)."""
     out = tmp_path_factory.mktemp("diff_runs")
     files = {}
-    for name, layer in [("baseline", "none"), ("k1", "1")]:
+    for name, layer, limit in [("baseline", "none", []), ("k1", "1", []), ("k1_limit", "1", ["--limit", "4"])]:
         files[name] = run_lmms_eval(
             "vtw_llava",
             f"pretrained={tiny_llava_path},withdraw_layer={layer},device=cpu,accounting_file={out}/{name}.jsonl",
@@ -26,6 +27,7 @@ def real_runs(tiny_llava_path, tmp_path_factory):
             "--batch_size",
             "4",
             "--log_samples",
+            *limit,
         )
     return files
 
@@ -190,3 +192,55 @@ def test_same_file_twice_and_samples_without_files(tmp_path, capsys):
     assert code == 2 and "the same results file is given more than once" in err
     code, _, err = run_diff(capsys, base, other, "--samples")
     assert code == 0 and "no samples files to compare" in err
+
+
+def test_a_run_on_fewer_docs_is_named_and_fails_the_gate(real_runs, capsys):
+    """A candidate run with --limit: the header says so, and the gate calls it a drop even where
+    its scores on those docs are no worse."""
+    code, out, err = run_diff(capsys, real_runs["baseline"], real_runs["k1_limit"], "--fail-on-drop", "1000")
+    header = out.split("\n\n")[0]
+    assert header.startswith("NOT COMPARABLE")
+    assert "other numbers of docs: vtw_tiny_mme 4 (baseline 16), vtw_tiny_mme_choice 4 (baseline 16)" in header
+    assert code == 1
+    assert "DROP vtw_tiny_mme: vtw_llava K=1 evaluated 4 of the baseline's 16 docs (fewer docs)" in err
+    code, out, _ = run_diff(capsys, real_runs["baseline"], real_runs["k1"], "--fail-on-drop", "1000")
+    assert code == 0 and "NOT COMPARABLE" not in out  # the same docs, model and arguments but K
+
+
+def run_of(path, pretrained, model_args="", docs=11, model="vtw_qwen3_vl"):
+    """A results file of ``model`` on ``pretrained`` with ``model_args`` and ``docs`` docs."""
+    args = f"pretrained={pretrained},withdraw_layer=4{model_args}"
+    return results_file(
+        path,
+        {"t": {"acc,none": 0.5}},
+        {"t": {"acc": True}},
+        config={"model": model, "model_args": args},
+        **{"n-samples": {"t": {"original": 11, "effective": docs}}},
+    )
+
+
+def test_different_models_are_refused_unless_asked_for(tmp_path, capsys):
+    base = run_of(tmp_path / "a_results.json", "Qwen/Qwen3-VL-2B-Instruct")
+    other = run_of(tmp_path / "b_results.json", "google/gemma-3-4b-it", model="vtw_gemma3")
+    code, _, err = run_diff(capsys, base, other, "--fail-on-drop", "1")
+    assert code == 2 and "not the same model, so not a baseline and its candidate" in err
+    assert "pretrained=google/gemma-3-4b-it (baseline" in err and "--allow-different-models" in err
+    code, out, _ = run_diff(capsys, base, other, "--allow-different-models")
+    assert code == 0
+    assert "different model: vtw_gemma3 K=4: pretrained=google/gemma-3-4b-it" in out
+    assert "backend vtw_gemma3, baseline vtw_qwen3_vl" in out
+
+
+def test_other_model_arguments_are_named_above_the_table(tmp_path, capsys):
+    base = run_of(tmp_path / "a_results.json", "m", ",dtype=float32,accounting_file=a.jsonl")
+    other = run_of(tmp_path / "b_results.json", "m", ",dtype=bfloat16,max_pixels=64,accounting_file=b.jsonl")
+    code, out, _ = run_diff(capsys, base, other, "--fail-on-drop", "1")
+    assert code == 0  # named, not a drop: the scores are equal
+    assert out.startswith("NOT COMPARABLE") and out.index("NOT COMPARABLE") < out.index("task")
+    assert "other model arguments: dtype=bfloat16 (baseline float32), max_pixels=64 (baseline (default))" in out
+    assert "accounting_file" not in out  # where a file goes is no difference
+    code, out, _ = run_diff(capsys, base, other, "--format", "json")
+    (note,) = json.loads(out)["not_comparable"]
+    assert "dtype=bfloat16 (baseline float32)" in note
+    code, out, err = run_diff(capsys, base, other, "--format", "csv")
+    assert out.startswith("task,") and "dtype=bfloat16" in err  # the CSV stays parseable

@@ -49,6 +49,12 @@ EFFICIENCY_KEYS = (
 )
 # lmms-eval's own figures in ``throughput`` (no ``avg_`` prefix added).
 LMMS_EVAL_KEYS = ("total_gen_tokens", "total_elapsed_time", "avg_speed")
+# Model arguments that choose K or only say where files go: what a diff compares, not a difference
+# that makes two runs incomparable (any other, dtype included, is named in the header).
+WITHDRAWAL_ARGUMENTS = (
+    "withdraw_layer", "calibrate_per_task", "kl_tokens", "kl_threshold", "calibration", "calibration_dir",
+    "accounting_file",
+)  # fmt: skip
 
 
 @dataclass
@@ -108,6 +114,80 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
                 "higher_is_better": (higher_is_better.get(task) or {}).get(metric),
             }
     return run
+
+
+def model_arguments(run: Run) -> dict[str, str]:
+    """The run's ``--model_args`` as name -> value (lmms-eval stores the string as typed, or a dict)."""
+    given = (run.data.get("config") or {}).get("model_args") or {}
+    if isinstance(given, dict):
+        return {str(name): str(value) for name, value in given.items()}
+    pairs = (item.split("=", 1) for item in str(given).split(",") if "=" in item)
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def docs_per_task(run: Run) -> dict[str, int]:
+    """task -> number of docs evaluated (lmms-eval's ``n-samples``, after ``--limit``)."""
+    counts = run.data.get("n-samples") or {}
+    return {
+        task: int(entry["effective"])
+        for task, entry in counts.items()
+        if isinstance(entry, dict) and "effective" in entry
+    }
+
+
+def different_models(runs: list[Run]) -> list[str]:
+    """Candidates whose weights (``pretrained``) are not the baseline's: not a baseline and its
+    candidate at all, unless the user compares two models on purpose."""
+    base = model_arguments(runs[0]).get("pretrained")
+    found = []
+    for run in runs[1:]:
+        other = model_arguments(run).get("pretrained")
+        if other != base:
+            found.append(f"{run.label}: pretrained={other} (baseline {runs[0].label}: pretrained={base})")
+    return found
+
+
+def comparability_notes(runs: list[Run]) -> list[str]:
+    """What else makes a candidate differ from the baseline beyond withdrawal: the backend, model
+    arguments other than those choosing K (dtype, pixel budgets, ...), docs per task (``--limit``)."""
+    base = runs[0]
+    base_model = (base.data.get("config") or {}).get("model")
+    base_args, base_docs = model_arguments(base), docs_per_task(base)
+    notes = []
+    for run in runs[1:]:
+        model = (run.data.get("config") or {}).get("model")
+        if model != base_model:
+            notes.append(f"{run.label}: backend {model}, baseline {base_model}")
+        args = model_arguments(run)
+        changed = [
+            f"{name}={args.get(name, '(default)')} (baseline {base_args.get(name, '(default)')})"
+            for name in sorted(set(args) | set(base_args))
+            if name not in (*WITHDRAWAL_ARGUMENTS, "pretrained") and args.get(name) != base_args.get(name)
+        ]
+        if changed:
+            notes.append(f"{run.label}: other model arguments: {', '.join(changed)}")
+        docs = docs_per_task(run)
+        counts = [
+            f"{task} {docs[task]} (baseline {base_docs[task]})"
+            for task in sorted(base_docs)
+            if task in docs and docs[task] != base_docs[task]
+        ]
+        if counts:
+            notes.append(f"{run.label}: other numbers of docs: {', '.join(counts)}")
+    return notes
+
+
+def fewer_docs(runs: list[Run]) -> list[str]:
+    """Tasks a candidate evaluated on fewer docs than the baseline (a gate must not pass a run
+    that looked at less)."""
+    base_docs = docs_per_task(runs[0])
+    found = []
+    for run in runs[1:]:
+        docs = docs_per_task(run)
+        for task, count in sorted(base_docs.items()):
+            if task in docs and docs[task] < count:
+                found.append(f"{task}: {run.label} evaluated {docs[task]} of the baseline's {count} docs (fewer docs)")
+    return found
 
 
 def metric_rows(runs: list[Run]) -> list[dict]:
@@ -284,10 +364,13 @@ def drop_threshold(text: str) -> float:
     return value
 
 
-def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: list[dict] | None, fmt: str) -> str:
+def render(
+    runs: list[Run], rows: list[dict], efficiency: list[dict], changes: list[dict] | None, fmt: str, notes: list[str]
+) -> str:
     if fmt == "json":
         document = {
             "runs": [{"label": r.label, "results_file": str(r.results_file)} for r in runs],
+            "not_comparable": notes,
             "metrics": rows,
             "efficiency": efficiency,
         }
@@ -319,7 +402,8 @@ def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: l
         writer.writerows([["" if v is None else v for v in line] for line in table])
         return buffer.getvalue()
     style = "github" if fmt == "markdown" else "simple"
-    parts = [tabulate(table, headers=headers, tablefmt=style, floatfmt=".4g", missingval="N/A")]
+    parts = [comparability_header(notes)] if notes else []
+    parts.append(tabulate(table, headers=headers, tablefmt=style, floatfmt=".4g", missingval="N/A"))
     if efficiency:
         labels = [run.label for run in runs]
         parts.append(
@@ -346,6 +430,10 @@ def render(runs: list[Run], rows: list[dict], efficiency: list[dict], changes: l
     return "\n\n".join(parts)
 
 
+def comparability_header(notes: list[str]) -> str:
+    return "NOT COMPARABLE as they stand (differences beyond withdrawal):\n" + "\n".join(f"  {n}" for n in notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtw-diff", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="results files or output directories; the first is the baseline")
@@ -359,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         "or when a candidate lacks a metric the baseline has",
     )
     parser.add_argument("--samples", action="store_true", help="compare --log_samples answers doc by doc")
+    parser.add_argument(
+        "--allow-different-models",
+        action="store_true",
+        help="compare runs of different checkpoints (pretrained=...) on purpose; refused otherwise",
+    )
     args = parser.parse_args(argv)
     if len(args.paths) < 2:
         parser.error("give a baseline and at least one candidate")
@@ -377,16 +470,26 @@ def main(argv: list[str] | None = None) -> int:
                 run.label = f"{run.label} #{index + 1}"
             seen.add(run.label)
         check_labels(runs)
+        different = different_models(runs)
+        if different and not args.allow_different_models:
+            raise ValueError(
+                "not the same model, so not a baseline and its candidate: "
+                + "; ".join(different)
+                + ". Pass --allow-different-models to compare them on purpose"
+            )
+        notes = [f"different model: {line}" for line in different] + comparability_notes(runs)
         rows = metric_rows(runs)
         changes = sample_changes(runs) if args.samples else None
     except ValueError as error:
         print(f"vtw-diff: {error}", file=sys.stderr)
         return 2
-    print(render(runs, rows, efficiency_rows(runs), changes, args.format))
+    print(render(runs, rows, efficiency_rows(runs), changes, args.format, notes))
+    if notes and args.format == "csv":  # a header line would break the CSV
+        print(comparability_header(notes), file=sys.stderr)
     if changes == []:
         print("vtw-diff --samples: no samples files to compare (run lmms-eval with --log_samples)", file=sys.stderr)
     if args.fail_on_drop is not None:
-        found = drops(rows, runs, args.fail_on_drop)
+        found = drops(rows, runs, args.fail_on_drop) + fewer_docs(runs)
         for line in found:
             print(f"DROP {line}", file=sys.stderr)
         for line in not_gated(rows):

@@ -58,6 +58,26 @@ from vtw_eval.tasks import TASKS_DIR
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+def video_length(path: str) -> int:
+    """A video file's number of frames, read with decord as lmms-eval's backends read videos. decord
+    logs why a file cannot be read and raises "Error reading <path>": the error raised here is
+    PyAV's (ffmpeg's) reason instead."""
+    import decord  # only video tasks need these
+
+    try:
+        return len(decord.VideoReader(path))
+    except Exception as error:
+        import av
+
+        try:
+            av.open(path).close()
+        except Exception as cause:
+            raise ValueError(f"{type(cause).__name__}: {cause}") from error
+        raise
+
+
 Visual = Image.Image | np.ndarray  # an image, or a video's frames
 
 
@@ -501,7 +521,12 @@ class VTWBackend(lmms):
         visuals = []
         for visual in (doc_to_visual(doc) if doc_to_visual is not None else None) or []:
             if isinstance(visual, str) and visual.lower().endswith(VIDEO_EXTENSIONS):
-                visual = self._video_frames(visual)
+                try:
+                    visual = self._video_frames(visual)
+                except Exception as error:  # which doc, which file, and why (not a later, misleading error)
+                    raise ValueError(
+                        f"doc {doc_id} of task {task}: cannot read the video {visual}: {type(error).__name__}: {error}"
+                    ) from error
             elif not isinstance(visual, Image.Image) and visual is not None:
                 raise ValueError(
                     f"{type(self).__name__} takes images and video files ({', '.join(VIDEO_EXTENSIONS)}); "

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend
+from vtw_eval.backends.base import Visual, VTWBackend, video_length
 
 
 class VTWQwen2VL(VTWBackend):
@@ -36,11 +36,12 @@ class VTWQwen2VL(VTWBackend):
         self.system_prompt = system_prompt
 
     def _video_frames(self, path: str) -> np.ndarray:
-        """``max_num_frames`` frames spread evenly over the video, read as lmms-eval reads them."""
+        """``max_num_frames`` frames spread evenly over the video (all of them when it has fewer:
+        no frame twice), read as lmms-eval reads them."""
         # Imported here: lmms-eval's video module needs PyAV, which image tasks do not.
         from lmms_eval.models.model_utils.load_video import load_video_decord
 
-        return load_video_decord(path, self.max_num_frames)
+        return load_video_decord(path, min(self.max_num_frames, video_length(path)))
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:
         parts = [{"type": "image" if isinstance(v, Image.Image) else "video"} for v in visuals]

@@ -22,7 +22,7 @@ from qwen_vl_utils import process_vision_info
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend
+from vtw_eval.backends.base import Visual, VTWBackend, video_length
 
 IMAGE_PATCH_SIZE = 16  # Qwen3-VL's and Qwen3.5's ViT patch; qwen_vl_utils resizes to multiples of twice it
 
@@ -74,8 +74,21 @@ class VTWQwen3VL(VTWBackend):
         super().__init__(pretrained, **kwargs)
 
     def _video_frames(self, path: str) -> str:
-        """Videos stay paths: qwen_vl_utils reads and samples them, as in lmms-eval's backend."""
+        """Videos stay paths: qwen_vl_utils reads and samples them, as in lmms-eval's backend.
+        Read once here, so that an unreadable file stops with its own error."""
+        video_length(path)
         return path
+
+    def _video_element(self, path: str) -> dict:
+        """qwen_vl_utils' element for a video: a fixed frame count (``nframes``) is capped at the
+        video's length, rounded down to the even count it takes (it pairs frames; 2 at least)."""
+        element = {"type": "video", "video": path, **self.video_kwargs}
+        if "nframes" in element:
+            length = video_length(path)
+            if length < 2:
+                raise ValueError(f"the video {path} has {length} frame; Qwen3-VL's video input needs 2 or more")
+            element["nframes"] = min(element["nframes"], length - length % 2)
+        return element
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:
         parts = [{"type": "image" if isinstance(v, Image.Image) else "video"} for v in visuals]
@@ -89,9 +102,7 @@ class VTWQwen3VL(VTWBackend):
     def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
         """Visuals resized (and videos read and sampled) by qwen_vl_utils, then the processor."""
         elements = [
-            {"type": "image", "image": v, **self.image_kwargs}
-            if isinstance(v, Image.Image)
-            else {"type": "video", "video": v, **self.video_kwargs}
+            {"type": "image", "image": v, **self.image_kwargs} if isinstance(v, Image.Image) else self._video_element(v)
             for v in visuals
         ]
         images, videos, video_kwargs = None, None, {}
