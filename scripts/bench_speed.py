@@ -26,8 +26,9 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
+from vtw_eval.architecture import language_model_of
 from vtw_eval.cost import DecoderGeometry, analytic_prefill_speedup, whole_model_of
-from vtw_eval.engine import VisualTokenWithdrawal, cache_bytes, cache_in, cache_keyword, language_model_of
+from vtw_eval.engine import VisualTokenWithdrawal, cache_bytes, cache_in, cache_keyword
 from vtw_eval.files import write_atomically
 from vtw_eval.small_llava import llava_prompt, random_llava
 
@@ -217,19 +218,19 @@ def main(argv=None) -> None:
         with device:  # initialised where it runs: a 7B model is not built on the CPU first
             model = random_llava(args.layers, args.hidden, args.intermediate, args.heads)
         inputs = llava_prompt(model, args.text_before, args.text_after)
-        withdrawal_traits = {}
+        from vtw_eval.backends.llava import VTWLlava
+
+        architecture = VTWLlava.architecture  # what the backend declares to the engine
     else:
-        from vtw_eval.backends.qwen3_5 import VTWQwen3_5  # what the backend declares to the engine
+        from vtw_eval.backends.qwen3_5 import VTWQwen3_5
 
         with device:
             model = random_qwen3_5(args.layers, args.hidden, args.intermediate, args.heads, args.linear_heads)
         inputs = qwen3_5_prompt(model, args.text_before, args.text_after)
-        withdrawal_traits = dict(
-            decoding_positions=VTWQwen3_5.decoding_positions, recurrent_layer_types=VTWQwen3_5.recurrent_layer_types
-        )
+        architecture = VTWQwen3_5.architecture
     model = model.to(device, dtype)
     inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
-    withdrawal = VisualTokenWithdrawal(model, withdraw_layer=None, **withdrawal_traits)
+    withdrawal = VisualTokenWithdrawal(model, None, architecture)
     geometry = DecoderGeometry.from_config(model.config)
     whole = whole_model_of(model.config)  # the tower, projector or merger, and head around the decoder
     num_tokens = inputs["input_ids"].shape[1]
@@ -247,7 +248,7 @@ def main(argv=None) -> None:
     }
 
     withdrawal.withdraw_layer = None
-    continue_positions = withdrawal.decoding_positions == "from_attention_mask"
+    continue_positions = architecture.decoding_positions == "from_attention_mask"
     measure(model, inputs, 2, device, continue_positions)  # warm-up
     runs, part_times = {k: [] for k in configs}, {name: [] for name in parts}
     for _ in tqdm(range(args.repeats), desc="interleaved repeats"):

@@ -22,8 +22,9 @@ from pathlib import Path
 from tabulate import tabulate
 from tqdm import tqdm
 
-from vtw_eval.diff import efficiency_rows, load_run, metric_rows, render
+from vtw_eval.diff import efficiency_rows, metric_rows, render
 from vtw_eval.files import write_atomically
+from vtw_eval.results import load_run
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 from vtw_eval.tasks import TASKS_DIR
 from vtw_eval.testbed.hub_cache import TASK_NAMES, hub_environment
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         headers=["task", "metric", "chance"],
         tablefmt="github",
     )
-    claims = check_claims(rows, *labels.values(), withdraw_layer=k, num_layers=record["num_layers"])
+    claims = check_claims(rows, withdraw_layer=k, num_layers=record["num_layers"])  # runs in that order
     verdicts = "\n".join(f"- {claim}: {'met' if ok else 'NOT met'} ({detail})" for claim, ok, detail in claims)
     text = f"{summary}\n\nChance levels:\n\n{chance}\n\nClaims:\n{verdicts}\n"
     print(text)

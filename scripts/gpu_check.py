@@ -162,7 +162,7 @@ def outcomes(model, inputs: dict, pad_token_id: int) -> dict:
     """K -> Outcome for K = 0..L-1 and None (no withdrawal), the engine set up as the backend does."""
     from tiny_models import withdrawal
 
-    from vtw_eval.engine import language_model_of
+    from vtw_eval.architecture import language_model_of
 
     results = {}
     engine = withdrawal(model, None)
@@ -209,7 +209,7 @@ def reference_difference(model, cpu_model, processor, device: torch.device) -> f
     from reference import reference_vtw_logits
     from tiny_models import encode, withdrawal
 
-    from vtw_eval.engine import language_model_of
+    from vtw_eval.architecture import language_model_of
 
     inputs = encode(processor, QUESTIONS[:1])
     worst, last = 0.0, []
@@ -303,7 +303,7 @@ def exactness_checks(device: torch.device, work: Path, families: list[str] | Non
 def split_device_map(model, boundary: int, first, second) -> dict:
     """Decoder layers from ``boundary`` on, the final norm and the LM head on ``second``;
     everything else (vision tower, projector, embeddings, earlier layers) on ``first``."""
-    from vtw_eval.engine import language_model_of
+    from vtw_eval.architecture import language_model_of
 
     language_model = language_model_of(model)
     later = [*language_model.layers[boundary:], language_model.norm, model.get_output_embeddings()]
@@ -390,7 +390,7 @@ def split_checks(device: torch.device, work: Path) -> list[Check]:
 
 def run_answers(results_file: Path) -> dict[str, dict[str, str]]:
     """task -> doc_id -> answer, from a run's --log_samples files."""
-    from vtw_eval.diff import load_run, sample_answers
+    from vtw_eval.results import load_run, sample_answers
 
     run = load_run(results_file)
     answers = {}

@@ -20,8 +20,8 @@ from pathlib import Path
 from tabulate import tabulate
 from tqdm import tqdm
 
-from vtw_eval.diff import load_run
 from vtw_eval.files import write_atomically
+from vtw_eval.results import load_run
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 from vtw_eval.testbed.hub_cache import TASK_NAMES, hub_environment
 from vtw_eval.testbed.tasks import BEST, CHANCE

@@ -1,9 +1,10 @@
 """A naive VTW forward, written independently of vtw_eval.engine, to test it against.
 
 Layers < K run on the full sequence (taken from the unmodified model's hidden states); layers
->= K run on the kept sub-sequence with the original position ids, a hand-made causal mask (none
-for a recurrent layer, which runs over the kept tokens in order; a sliding window counted in
-original positions) and no KV cache; then the final norm and the LM head.
+>= K run on the kept sub-sequence (every text position, or any ``keep`` subset) with the original
+position ids, a hand-made causal mask (none for a recurrent layer, which runs over the kept tokens
+in order; a sliding window counted in original positions), DeepStack features added at kept visual
+positions, and no KV cache; then the final norm and the LM head.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ def reference_vtw_logits(
     window counts original positions; with ``window_counts="slots"``, kept tokens instead (what a
     withdrawal that ignores the gaps would do)."""
     language_model = model.model.language_model
-    seen = {}  # the position ids the unmodified model gives its decoder (3 rows for Qwen2-VL)
-    handle = language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    full = model(**inputs, output_hidden_states=True, use_cache=False)
-    handle.remove()
+    full, inputs_of_layers, seen = unmodified_forward(model, inputs)
     input_ids = inputs["input_ids"][0]
     if keep is None:
         keep = ~torch.isin(input_ids, torch.tensor(visual_ids(model.config)))
@@ -36,7 +34,7 @@ def reference_vtw_logits(
         position_ids = torch.arange(len(input_ids))[None]
     if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # Qwen2-VL: a text row, then 3 rotary rows
         position_ids = position_ids[1:]
-    hidden = full.hidden_states[withdraw_layer][:, kept_positions]  # input of layer K
+    hidden = inputs_of_layers[withdraw_layer][:, kept_positions]  # input of layer K
     kept_ids = position_ids[..., kept_positions]
     n = len(kept_positions)
     causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
@@ -49,6 +47,13 @@ def reference_vtw_logits(
     numbers = kept_positions if window_counts == "positions" else torch.arange(len(kept_positions))
     distance = numbers[:, None] - numbers[None, :]
     windowed = causal.masked_fill((distance >= window)[None, None], torch.finfo(hidden.dtype).min) if window else None
+    # DeepStack (Qwen3-VL): features added at the visual positions after the first layers; a kept
+    # visual position gets its own row (the rows follow the visual positions in order).
+    deepstack = seen.get("deepstack_visual_embeds") or []
+    if deepstack:
+        visual = seen["visual_pos_masks"][0]
+        kept_visual = visual[kept_positions]
+        rows = (visual.cumsum(0) - 1)[kept_positions][kept_visual]
     for index in range(withdraw_layer, len(language_model.layers)):
         # A recurrent (linear attention) layer is causal by construction and takes no mask here.
         mask = {"linear_attention": None, "sliding_attention": windowed}.get(layer_types[index], causal)
@@ -57,7 +62,30 @@ def reference_vtw_logits(
         else:
             position_embeddings = language_model.rotary_emb(hidden, position_ids=kept_ids)
         hidden = language_model.layers[index](hidden, attention_mask=mask, position_embeddings=position_embeddings)
+        if index < len(deepstack) and kept_visual.any():
+            hidden = hidden.clone()
+            hidden[0, kept_visual] += deepstack[index][rows].to(hidden.dtype)
     return model.lm_head(language_model.norm(hidden)), kept_positions
+
+
+@torch.no_grad()
+def unmodified_forward(model, inputs: dict) -> tuple:
+    """The unmodified model's output, each decoder layer's input (after DeepStack's additions of
+    the layers before it, which ``output_hidden_states`` does not include) and the keyword
+    arguments its language model got (position ids: 3 rows for Qwen2-VL; DeepStack's features)."""
+    language_model = model.model.language_model
+    seen, layer_inputs = {}, []
+    handles = [language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)]
+    for layer in language_model.layers:
+        handles.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, kw: layer_inputs.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+            )
+        )
+    full = model(**inputs, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return full, layer_inputs, seen
 
 
 def visual_ids(config) -> list[int]:

@@ -16,12 +16,14 @@ from tiny_models import (
     build_tiny_qwen3,
     encode,
     picture,
+    with_tokens,
     withdrawal,
 )
 from tolerances import GUARD, SAME_ARITHMETIC, assert_close, kl_tolerance, reordering_ulps
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vtw_eval.engine import VisualTokenWithdrawal, cache_in, layer_mask_kind
+from vtw_eval.architecture import Architecture, layer_types
+from vtw_eval.engine import VisualTokenWithdrawal, cache_in
 
 QUESTION = "Is there a red square in the image ?"
 
@@ -73,15 +75,6 @@ def test_every_layer_matches_naive_reference(tiny, num_images, attn_implementati
         assert (earlier - later).abs().max() > GUARD
 
 
-def with_tokens(inputs: dict, sequence: torch.Tensor) -> dict:
-    """The prompt's multimodal inputs for ``sequence`` (prompt plus generated text tokens)."""
-    extra = sequence.shape[1] - inputs["input_ids"].shape[1]
-    grown = {**inputs, "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
-    if "mm_token_type_ids" in inputs:  # generated tokens are text (type 0)
-        grown["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra))
-    return grown
-
-
 @pytest.mark.parametrize("withdraw_layer", [0, 2])
 def test_cached_generation_equals_recompute(tiny, withdraw_layer):
     """Proves the cache contents and the decoding positions (3-row for Qwen2-VL)."""
@@ -108,8 +101,7 @@ def test_cached_generation_equals_recompute(tiny, withdraw_layer):
     prompt_length = inputs["input_ids"].shape[1]
     visual = int(torch.isin(inputs["input_ids"], torch.tensor(suppress)).sum())
     config = model.config.get_text_config()
-    for layer in range(NUM_LAYERS):
-        kind = layer_mask_kind(config, layer)
+    for layer, kind in enumerate(layer_types(config)):
         if kind == "linear_attention":
             continue
         expected = (prompt_length if layer < withdraw_layer else prompt_length - visual) + 4  # last token not fed back
@@ -232,8 +224,9 @@ def test_an_undeclared_layer_type_is_refused(tmp_path):
     with pytest.raises(
         ValueError, match=r"decoder layer 0 of Qwen3_5ForConditionalGeneration is of type 'linear_attention'"
     ):
-        VisualTokenWithdrawal(model, 2, "from_attention_mask")
-    assert VisualTokenWithdrawal(model, 2, "from_attention_mask", None, ("linear_attention",)).num_layers == NUM_LAYERS
+        VisualTokenWithdrawal(model, 2, Architecture("from_attention_mask"))
+    declared = Architecture("from_attention_mask", recurrent_layer_types=("linear_attention",))
+    assert VisualTokenWithdrawal(model, 2, declared).num_layers == NUM_LAYERS
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])

@@ -238,7 +238,7 @@ def test_batched_loglikelihood_equals_one_by_one(tiny_llava_path):
 
 
 def test_response_cache_on_the_command_line_is_seen():
-    from vtw_eval.backends.base import response_cache_requested
+    from vtw_eval.backends.arguments import response_cache_requested
 
     assert response_cache_requested(["lmms-eval", "--model", "vtw_llava", "--use_cache", "/tmp/c"])
     assert response_cache_requested(["lmms-eval", "--use_cache=/tmp/c"])

@@ -21,6 +21,7 @@ from tiny_models import (
 from transformers import AutoProcessor
 
 from vtw_eval.backends.qwen2_vl import VTWQwen2VL
+from vtw_eval.backends.requests import Request
 from vtw_eval.calibration import choose_withdraw_layer
 from vtw_eval.run import run_lmms_eval
 
@@ -111,7 +112,7 @@ def test_qwen2_vl_backend_reads_a_video_file(tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     # 4 frames of 56x56 -> 2 temporal patches x (4x4 patches / 2x2 merge) = 8 video tokens.
     processor = AutoProcessor.from_pretrained(path)
-    frames = lm._video_frames(video)
+    frames = lm.video_frames(video)
     assert frames.shape == (4, 56, 56, 3)
     inputs = processor(videos=[frames], text=[lm.build_prompt("What colour is it ?", [frames])], return_tensors="pt")
     assert record["visual_tokens"] == int((inputs["input_ids"] == lm.model.config.video_token_id).sum()) == 8
@@ -152,7 +153,7 @@ def test_qwen3_vl_video_answers_as_lmms_eval_backend(tmp_path):
         for i in (0, 1)
     ]
     assert ours.generate_until(simple) == expected
-    inputs = ours._batch_inputs([request.args for request in simple[:1]])
+    inputs = ours.batch_inputs([Request.of(request) for request in simple[:1]])
     assert int((inputs["input_ids"] == ours.model.config.video_token_id).sum()) > 0
     withdrawn = VTWQwen3VL(pretrained=path, withdraw_layer=0, dtype="bfloat16", device="cpu", **budget)
     withdrawn.task_dict = ours.task_dict
@@ -241,10 +242,10 @@ def test_a_video_shorter_than_max_num_frames_runs(tmp_path, family):
     assert isinstance(answer, str)
     if family == "qwen3_vl":
         assert lm._video_element(video)["nframes"] == 6
-        inputs = lm._batch_inputs([video_request(video).args])
+        inputs = lm.batch_inputs([Request.of(video_request(video))])
         assert inputs["video_grid_thw"][0, 0].item() == 3  # 6 frames, paired by the temporal patch
     else:
-        frames = lm._video_frames(video)
+        frames = lm.video_frames(video)
         assert len(frames) == 7 and all((a != b).any() for a, b in zip(frames, frames[1:]))  # none twice
 
 

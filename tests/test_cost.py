@@ -12,7 +12,7 @@ from transformers import LlavaConfig, Qwen2Config
 
 from vtw_eval.accounting import image_token_runs
 from vtw_eval.cost import DecoderGeometry, Qwen2VLWholeModel, WholeModel, analytic_prefill_speedup, whole_model_of
-from vtw_eval.engine import VisualTokenWithdrawal, cache_bytes, cache_in
+from vtw_eval.engine import cache_bytes, cache_in
 
 LLAVA_7B = DecoderGeometry(
     num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128
@@ -139,7 +139,8 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
 
 
 def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
-    from vtw_eval.diff import efficiency_rows, load_run
+    from vtw_eval.diff import efficiency_rows
+    from vtw_eval.results import LMMS_EVAL_KEYS, THROUGHPUT_KEYS, load_run
     from vtw_eval.run import run_lmms_eval
 
     results_file = run_lmms_eval(
@@ -162,7 +163,10 @@ def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
     decoding = [r["batch_decode_seconds"] / r["batch_decode_steps"] for r in records if r["generated_tokens"] > 1]
     assert decoding and throughput["avg_tpot"] == pytest.approx(sum(decoding) / len(decoding))
     assert throughput["avg_ttft"] != throughput["avg_tpot"]
-    figures = {row["figure"]: row["run"] for row in efficiency_rows([load_run(results_file, "run")])}
+    figures = {row["figure"]: row["values"][0] for row in efficiency_rows([load_run(results_file, "run")])}
+    # vtw-diff knows every figure the backend logs (vtw_eval.results names them once).
+    logged = {key.removeprefix("avg_") for key in throughput if "/" not in key} - set(LMMS_EVAL_KEYS)
+    assert logged <= set(THROUGHPUT_KEYS) and "prefill_flops_saved" in logged
     for figure in ("ttft", "tpot", "total_gen_tokens", "total_elapsed_time", "avg_speed", "prefill_flops_saved"):
         assert figures[figure] is not None, figure
     assert figures["total_gen_tokens"] == sum(r["generated_tokens"] for r in records)
@@ -191,16 +195,14 @@ def test_whole_model_flops_equal_torchs_flop_counter(tiny_llava_path, withdraw_l
     """The whole prefill forward as generate runs it (logits_to_keep=1), counted by PyTorch: the
     counter sees every matrix product (convolution, linear layers, attention), as the model does."""
     from conftest import load_model
-    from tiny_models import encode
+    from tiny_models import encode, withdrawal
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoProcessor
-
-    from vtw_eval.engine import VisualTokenWithdrawal
 
     model = load_model(tiny_llava_path, "eager")
     processor = AutoProcessor.from_pretrained(tiny_llava_path)
     inputs = encode(processor, [("Is there a red square ?", 2)])
-    VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer)
+    withdrawal(model, withdraw_layer)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**inputs, use_cache=False, logits_to_keep=1)
     tokens = inputs["input_ids"].shape[1]
@@ -232,11 +234,9 @@ def test_qwen2_vl_whole_model_terms_by_hand(tmp_path):
 def test_qwen2_vl_whole_model_flops_equal_torchs_flop_counter(tmp_path, withdraw_layer):
     """Two images of different sizes (so per-image attention counts), one prefill with
     logits_to_keep=1, counted by PyTorch."""
-    from tiny_models import build_tiny_qwen2_vl, picture
+    from tiny_models import build_tiny_qwen2_vl, picture, withdrawal
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from vtw_eval.engine import VisualTokenWithdrawal
 
     path = build_tiny_qwen2_vl(tmp_path / "qwen2_vl", "2")
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
@@ -245,7 +245,7 @@ def test_qwen2_vl_whole_model_flops_equal_torchs_flop_counter(tmp_path, withdraw
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     images = [picture(0, size=(56, 56)), picture(1, size=(84, 112))]
     inputs = processor(images=images, text=[text], return_tensors="pt")
-    VisualTokenWithdrawal(model, withdraw_layer=withdraw_layer, decoding_positions="from_attention_mask")
+    withdrawal(model, withdraw_layer)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**inputs, use_cache=False, logits_to_keep=1)
     image_tokens = image_token_runs(inputs["input_ids"], model.config.image_token_id)[0]
@@ -328,12 +328,9 @@ def test_qwen3_whole_model_flops_equal_torchs_flop_counter(tmp_path, family):
     """Qwen3-VL's ViT with its DeepStack mergers, Qwen3.5's Gated DeltaNet layers (a prompt over
     two chunks of the delta rule), the experts: one prefill with logits_to_keep=1 at K = 2,
     counted by PyTorch."""
-    from tiny_models import build_tiny_qwen3, picture
+    from tiny_models import build_tiny_qwen3, picture, withdrawal
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from vtw_eval.backends.qwen3_5 import VTWQwen3_5
-    from vtw_eval.backends.qwen3_vl import VTWQwen3VL
 
     path = build_tiny_qwen3(tmp_path / family, family)
     # Eager experts: one matrix product per expert, which the counter sees (grouped kernels it does not).
@@ -345,10 +342,7 @@ def test_qwen3_whole_model_flops_equal_torchs_flop_counter(tmp_path, family):
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     images = [picture(0, size=(64, 64)), picture(1, size=(96, 128))]
     inputs = processor(images=images, text=[text], return_tensors="pt")
-    adapter = VTWQwen3_5 if family.startswith("qwen3_5") else VTWQwen3VL
-    VisualTokenWithdrawal(
-        model, 2, "from_attention_mask", adapter.injected_visual_features, adapter.recurrent_layer_types
-    )
+    withdrawal(model, 2)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**inputs, use_cache=False, logits_to_keep=1)
     image_tokens = image_token_runs(inputs["input_ids"], model.config.image_token_id)[0]
@@ -433,24 +427,22 @@ def test_decoder_flops_of_gemma3_glm4v_internvl_equal_torchs_flop_counter(tmp_pa
     not modelled: no whole-forward figures."""
     import re
 
-    from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, encode
+    from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, encode, withdrawal
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from vtw_eval.engine import visual_token_ids_of
 
     build = {"gemma3": build_tiny_gemma3, "glm4v": build_tiny_glm4v, "internvl": build_tiny_internvl}[family]
     path = build(tmp_path / family)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     inputs = encode(AutoProcessor.from_pretrained(path), [("Is there a red square in the image ? Say yes or no .", 2)])
-    VisualTokenWithdrawal(model, 2, "from_attention_mask" if family == "glm4v" else "count")
+    engine = withdrawal(model, 2)
     with FlopCounterMode(display=False, depth=10) as counter, torch.no_grad():
         model(**inputs, use_cache=False, logits_to_keep=1)
     layers = [name for name in counter.get_flop_counts() if re.search(r"\.language_model\.layers\.\d+$", name)]
     assert len(layers) == NUM_LAYERS
     decoder = sum(sum(counter.get_flop_counts()[name].values()) for name in layers)
     tokens = inputs["input_ids"].shape[1]
-    visual = int(torch.isin(inputs["input_ids"], torch.tensor(visual_token_ids_of(model.config))).sum())
+    visual = int(torch.isin(inputs["input_ids"], torch.tensor(engine.visual_token_ids)).sum())
     assert 0 < visual < tokens
     assert decoder == DecoderGeometry.from_config(model.config).prefill_flops(tokens, visual, 2)
     assert whole_model_of(model.config) is None

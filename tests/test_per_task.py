@@ -10,6 +10,7 @@ import pytest
 from conftest import NUM_LAYERS
 
 from vtw_eval import diff
+from vtw_eval.results import load_run
 from vtw_eval.calibration import choose_withdraw_layer
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 
@@ -80,9 +81,9 @@ def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_pa
         assert throughput[f"avg_calibration_tflops/{task}"] > 0
     # vtw-diff shows them (its efficiency rows), the loglikelihood task's among them.
     results_path = next((tmp_path / "first").glob("*/*_results.json"))
-    figures = {row["figure"]: row for row in diff.efficiency_rows([diff.load_run(results_path, "a")])}
-    assert figures["withdraw_layer/vtw_tiny_mme_choice"]["a"] == k_choice
-    assert figures["calibration_tflops (all tasks)"]["a"] == pytest.approx(
+    figures = {row["figure"]: row["values"][0] for row in diff.efficiency_rows([load_run(results_path, "a")])}
+    assert figures["withdraw_layer/vtw_tiny_mme_choice"] == k_choice
+    assert figures["calibration_tflops (all tasks)"] == pytest.approx(
         sum(throughput[f"avg_calibration_tflops/{task}"] for task in entries)
     )
     assert "VTW calibration of vtw_tiny_mme:" in log and "VTW calibration of vtw_tiny_mme_blind:" in log

@@ -187,12 +187,12 @@ def test_claims_on_hand_made_scores():
             best = 100.0 if metric == "gpt_eval_score" else 800.0 if metric.startswith("mme") else 1.0
             value = chance if chance is not None else 0.0
             base = value + baseline_share * (best - value)
-            out.append({"task": task, "metric": metric, "b": base, "v": base + vtw_points / 100 * best,
-                        "k": value + k0_share * (best - value)})  # fmt: skip
+            values = [base, base + vtw_points / 100 * best, value + k0_share * (best - value)]
+            out.append({"task": task, "metric": metric, "values": values})
         return out
 
     def met(*args, layer=6):
-        return [ok for _, ok, _ in check_claims(rows(*args), "b", "v", "k", withdraw_layer=layer, num_layers=8)]
+        return [ok for _, ok, _ in check_claims(rows(*args), withdraw_layer=layer, num_layers=8)]
 
     assert met(0.5, -2, 0.2) == [True, True, True]  # every edge is inside
     assert met(0.49, -2.1, 0.21) == [False, False, False]

@@ -457,21 +457,29 @@ BUILDERS = {
 }
 
 
-def withdrawal(model, withdraw_layer: int | None) -> VisualTokenWithdrawal:
-    """The engine as the architecture's backend sets it up (the adapter says how decoding
-    positions are derived, which visual features the decoder adds between layers and which
-    layers are recurrent)."""
+def adapter_for(model) -> type:
+    """The vtw_eval backend class that serves ``model``'s family."""
     for path in BACKENDS.values():
         module, name = path.rsplit(".", 1)
         adapter = getattr(importlib.import_module(module), name)
         if model.config.model_type in adapter.model_classes:
-            break
-    else:
-        raise ValueError(f"no vtw_eval backend serves {model.config.model_type!r}")
-    return VisualTokenWithdrawal(
-        model, withdraw_layer, adapter.decoding_positions, adapter.injected_visual_features,
-        adapter.recurrent_layer_types,
-    )  # fmt: skip
+            return adapter
+    raise ValueError(f"no vtw_eval backend serves {model.config.model_type!r}")
+
+
+def withdrawal(model, withdraw_layer: int | None, keep_selector=None) -> VisualTokenWithdrawal:
+    """The engine as the family's backend sets it up: from the architecture its adapter declares."""
+    return VisualTokenWithdrawal(model, withdraw_layer, adapter_for(model).architecture, keep_selector)
+
+
+def with_tokens(inputs: dict, sequence: torch.Tensor) -> dict:
+    """The prompt's multimodal inputs for ``sequence`` (prompt plus generated text tokens), to
+    recompute a generation from scratch."""
+    extra = sequence.shape[1] - inputs["input_ids"].shape[1]
+    grown = {**inputs, "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
+    if "mm_token_type_ids" in inputs:  # generated tokens are text (type 0)
+        grown["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra))
+    return grown
 
 
 def picture(seed: int, size=(40, 30)) -> Image.Image:

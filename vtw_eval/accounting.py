@@ -105,16 +105,20 @@ class RequestAccounting:
         withdraw_layer: int | None,
         timer: CallTimer,
         image_tokens: list[list[int]] | None = None,
+        removed_tokens: list[int] | None = None,
     ) -> None:
         """One generated batch: its (task, doc_id) requests, their token counts (and each request's
-        visual tokens per image, for the whole-forward figures) and its timer."""
+        visual tokens per image, for the whole-forward figures; the tokens it really withdrew, when
+        not all its visual tokens) and its timer."""
         self.timers.append(timer)
         image_tokens = image_tokens or [None] * len(requests)
-        rows = zip(requests, prompt_tokens, visual_tokens, generated_tokens, image_tokens)
-        for (task, doc_id), n, visual, generated, images in rows:
+        removed_tokens = removed_tokens or visual_tokens
+        rows = zip(requests, prompt_tokens, visual_tokens, generated_tokens, image_tokens, removed_tokens)
+        for (task, doc_id), n, visual, generated, images, removed in rows:
             figures = request_figures(
-                self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes, self.whole_model, images
-            )
+                self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes, self.whole_model, images,
+                removed,
+            )  # fmt: skip
             self.records.append(
                 {
                     "task": task,

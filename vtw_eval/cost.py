@@ -41,6 +41,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vtw_eval import architecture
+
 
 @dataclass(frozen=True)
 class LinearAttention:
@@ -127,10 +129,10 @@ class DecoderGeometry:
         """From a transformers config: a text config, or a multimodal one holding ``text_config``."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
-        layer_types = tuple(text.layer_types) if getattr(text, "layer_types", None) else None
+        kinds = architecture.layer_types(text)
         window = getattr(text, "sliding_window", None)
-        if layer_types is None and window:  # Mistral: every layer slides
-            layer_types = ("sliding_attention",) * text.num_hidden_layers
+        # None where the config lists no types and nothing slides (every layer attends), as recorded.
+        layer_types = tuple(kinds) if getattr(text, "layer_types", None) or "sliding_attention" in kinds else None
         linear = None
         if layer_types and "linear_attention" in layer_types:
             linear = LinearAttention(
@@ -209,27 +211,27 @@ class DecoderGeometry:
             mixing = num_tokens * num_tokens * self.pair_flops()
         return num_tokens * self.token_flops(layer) + mixing
 
-    def prefill_flops(self, num_tokens: int, num_visual: int, withdraw_layer: int | None) -> int:
+    def prefill_flops(self, num_tokens: int, num_removed: int, withdraw_layer: int | None) -> int:
         k = self._withdrawn(withdraw_layer)
         return sum(
-            self.layer_flops(num_tokens if i < k else num_tokens - num_visual, i) for i in range(self.num_layers)
+            self.layer_flops(num_tokens if i < k else num_tokens - num_removed, i) for i in range(self.num_layers)
         )
 
-    def calibration_flops(self, num_tokens: int, num_visual: int, answer_tokens: int = 0) -> int:
+    def calibration_flops(self, num_tokens: int, num_removed: int, answer_tokens: int = 0) -> int:
         """Measuring one prompt's KL at every candidate K (calibration.py): with ``answer_tokens``
         > 0 the greedy answer's generation (a prefill and answer_tokens - 1 decoding steps), then one
         unmodified forward over prompt and answer, then layer j over the kept tokens of j + 1
         candidates (L(L+1)/2 layer passes; a recurrent layer runs the copies as a batch)."""
         generation = 0
         if answer_tokens:
-            generation = self.prefill_flops(num_tokens, num_visual, None) + sum(
-                self.decode_step_flops(num_tokens + step, num_visual, None) for step in range(answer_tokens - 1)
+            generation = self.prefill_flops(num_tokens, num_removed, None) + sum(
+                self.decode_step_flops(num_tokens + step, num_removed, None) for step in range(answer_tokens - 1)
             )
         total = num_tokens + answer_tokens
-        candidates = sum((j + 1) * self.layer_flops(total - num_visual, j) for j in range(self.num_layers))
-        return generation + self.prefill_flops(total, num_visual, None) + candidates
+        candidates = sum((j + 1) * self.layer_flops(total - num_removed, j) for j in range(self.num_layers))
+        return generation + self.prefill_flops(total, num_removed, None) + candidates
 
-    def decode_step_flops(self, context: int, num_visual: int, withdraw_layer: int | None) -> int:
+    def decode_step_flops(self, context: int, num_removed: int, withdraw_layer: int | None) -> int:
         """One new token after ``context`` tokens (prompt plus tokens generated so far)."""
         k = self._withdrawn(withdraw_layer)
         total = 0
@@ -237,14 +239,14 @@ class DecoderGeometry:
             if self.is_linear(i):
                 mixing = self.linear_attention.decode_mixing_flops()
             else:  # the new token attends to the keys its layer has cached, and to itself
-                mixing = self.pair_flops() * (self.cached_tokens(i, context - (num_visual if i >= k else 0)) + 1)
+                mixing = self.pair_flops() * (self.cached_tokens(i, context - (num_removed if i >= k else 0)) + 1)
             total += self.token_flops(i) + mixing
         return total
 
     def decode_step_bytes(
         self,
         context: int,
-        num_visual: int,
+        num_removed: int,
         withdraw_layer: int | None,
         dtype_bytes: int,
         batch_size: int = 1,
@@ -255,16 +257,16 @@ class DecoderGeometry:
         head's, ``vocab_size`` rows, once for the whole batch; and each row's KV cache and recurrent
         states after ``context`` tokens. At small batches a step is memory-bound, so its time follows this."""
         weights = sum(self.token_flops(i) for i in range(self.num_layers)) // 2 + self.hidden_size * vocab_size
-        cache = self.kv_cache_bytes(context, num_visual, withdraw_layer, dtype_bytes)
+        cache = self.kv_cache_bytes(context, num_removed, withdraw_layer, dtype_bytes)
         return dtype_bytes * weights + batch_size * cache
 
-    def kv_cache_bytes(self, num_tokens: int, num_visual: int, withdraw_layer: int | None, dtype_bytes: int) -> int:
+    def kv_cache_bytes(self, num_tokens: int, num_removed: int, withdraw_layer: int | None, dtype_bytes: int) -> int:
         """Cache size once ``num_tokens`` (prompt and generated) are cached: keys and values of the
         attention layers, and the fixed-size states of the recurrent ones (``recurrent_state_bytes``)."""
         k = self._withdrawn(withdraw_layer)
         per_token_layer = 2 * self.num_kv_heads * self.head_dim * dtype_bytes
         attention = sum(
-            per_token_layer * self.cached_tokens(i, num_tokens if i < k else num_tokens - num_visual)
+            per_token_layer * self.cached_tokens(i, num_tokens if i < k else num_tokens - num_removed)
             for i in range(self.num_layers)
             if not self.is_linear(i)
         )
@@ -277,10 +279,10 @@ class DecoderGeometry:
 
 
 def analytic_prefill_speedup(
-    geometry: DecoderGeometry, num_tokens: int, num_visual: int, withdraw_layer: int | None
+    geometry: DecoderGeometry, num_tokens: int, num_removed: int, withdraw_layer: int | None
 ) -> float:
-    return geometry.prefill_flops(num_tokens, num_visual, None) / geometry.prefill_flops(
-        num_tokens, num_visual, withdraw_layer
+    return geometry.prefill_flops(num_tokens, num_removed, None) / geometry.prefill_flops(
+        num_tokens, num_removed, withdraw_layer
     )
 
 
@@ -293,25 +295,29 @@ def request_figures(
     dtype_bytes: int,
     whole: "WholeModel | Qwen2VLWholeModel | None" = None,
     image_tokens: list[int] | None = None,
+    num_removed: int | None = None,
 ) -> dict:
     """One request's token counts, prefill FLOPs and final KV-cache bytes, baseline and VTW.
 
     ``num_tokens`` is the prompt without padding; the cache ends up holding the prompt and every
-    generated token but the last (which is returned, never fed back). With ``whole`` and the
-    visual tokens of each image (``image_tokens``; all of ``num_visual``, no video), also the
-    whole forward's figures.
+    generated token but the last (which is returned, never fed back). ``num_removed`` is what the
+    row really withdrew at K (VTW: every visual token, the default). With ``whole`` and the visual
+    tokens of each image (``image_tokens``; all of ``num_visual``, no video, all withdrawn), also
+    the whole forward's figures.
     """
     k = geometry.num_layers if withdraw_layer is None else withdraw_layer
+    num_removed = num_visual if num_removed is None else num_removed
     cached = num_tokens + max(generated - 1, 0)
-    baseline_flops = geometry.prefill_flops(num_tokens, num_visual, None)
-    vtw_flops = geometry.prefill_flops(num_tokens, num_visual, k)
-    baseline_kv = geometry.kv_cache_bytes(cached, num_visual, None, dtype_bytes)
-    vtw_kv = geometry.kv_cache_bytes(cached, num_visual, k, dtype_bytes)
+    baseline_flops = geometry.prefill_flops(num_tokens, num_removed, None)
+    vtw_flops = geometry.prefill_flops(num_tokens, num_removed, k)
+    baseline_kv = geometry.kv_cache_bytes(cached, num_removed, None, dtype_bytes)
+    vtw_kv = geometry.kv_cache_bytes(cached, num_removed, k, dtype_bytes)
+    whole_counted = whole is not None and image_tokens is not None and sum(image_tokens) == num_visual == num_removed
     return {
         "withdraw_layer": k,
         "prompt_tokens": num_tokens,
         "visual_tokens": num_visual,
-        "kept_tokens": num_tokens - num_visual if k < geometry.num_layers else num_tokens,
+        "kept_tokens": num_tokens - num_removed if k < geometry.num_layers else num_tokens,
         "generated_tokens": generated,
         "prefill_flops_baseline": baseline_flops,
         "prefill_flops_vtw": vtw_flops,
@@ -321,11 +327,7 @@ def request_figures(
         "kv_cache_saved": 1 - vtw_kv / baseline_kv,
         # Recurrent layers' states, part of both cache figures: withdrawal does not shrink them.
         **({"recurrent_state_bytes": states} if (states := geometry.recurrent_state_bytes(dtype_bytes)) else {}),
-        **(
-            whole_model_figures(whole, num_tokens, image_tokens, k)
-            if whole is not None and image_tokens is not None and sum(image_tokens) == num_visual
-            else {}
-        ),
+        **(whole_model_figures(whole, num_tokens, image_tokens, k) if whole_counted else {}),
     }
 
 

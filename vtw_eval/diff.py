@@ -1,138 +1,42 @@
 """`vtw-diff`: compare lmms-eval results, a baseline run against one or more candidate runs.
 
     vtw-diff results/baseline results/vtw_k16 [results/vtw_k12 ...] [--format markdown]
-             [--fail-on-drop 1.0] [--samples] [--labels base,k16,k12]
+             [--fail-on-drop 1.0] [--samples] [--labels base,k16,k12] [--allow-different-models]
 
 Each input is a ``*_results.json`` written by lmms-eval, or a directory holding them (the newest
-one is used). The first input is the baseline.
+one is used). The first input is the baseline. Rows hold one entry per run, in the order given;
+labels only name the columns when a table is rendered.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import io
 import json
 import math
-import re
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from tabulate import tabulate
 
-from vtw_eval.run import newest_results_file
+from vtw_eval.results import (
+    LMMS_EVAL_KEYS,
+    THROUGHPUT_KEYS,
+    Run,
+    docs_per_task,
+    load_run,
+    model_arguments,
+    number,
+    sample_answers,
+)
 
 FORMATS = ("table", "markdown", "csv", "json")
-# A label names columns and keys of its own ("<label> delta", ...): it must not be one of the table's.
-RESERVED_LABELS = ("task", "metric", "higher_is_better", "hib", "present_in", "figure", "delta", "rel", "stderr")
-LABEL_SUFFIXES = (" stderr", " delta", " rel")
-# What the vtw backends log per run (``throughput`` section, as ``avg_<key>``); see README.
-EFFICIENCY_KEYS = (
-    "withdraw_layer",
-    "visual_tokens",
-    "kept_tokens",
-    "prefill_tflops_baseline",
-    "prefill_tflops_vtw",
-    "prefill_flops_saved",
-    "prefill_tflops_whole_model_baseline",
-    "prefill_tflops_whole_model_vtw",
-    "prefill_flops_whole_model_saved",
-    "kv_cache_mb_baseline",
-    "kv_cache_mb_vtw",
-    "kv_cache_saved",
-    "ttft",
-    "tpot",
-    "prefill_seconds_per_batch",
-    "decode_seconds_per_step",
-)
-# lmms-eval's own figures in ``throughput`` (no ``avg_`` prefix added).
-LMMS_EVAL_KEYS = ("total_gen_tokens", "total_elapsed_time", "avg_speed")
 # Model arguments that choose K or only say where files go: what a diff compares, not a difference
 # that makes two runs incomparable (any other, dtype included, is named in the header).
 WITHDRAWAL_ARGUMENTS = (
     "withdraw_layer", "calibrate_per_task", "kl_tokens", "kl_threshold", "calibration", "calibration_dir",
     "accounting_file",
 )  # fmt: skip
-
-
-@dataclass
-class Run:
-    label: str
-    results_file: Path
-    data: dict
-    metrics: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, metric) -> value, stderr, hib
-
-
-def find_results_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if path.is_dir():
-        newest = newest_results_file(path)
-        if newest is None:
-            raise ValueError(f"{path}: no lmms-eval *_results.json file in this directory")
-        return newest
-    raise ValueError(f"{path}: no such file or directory")
-
-
-def _number(value) -> float | None:
-    """A value as a float (numbers and numeric strings); None for "N/A", NaN and anything else."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return None if math.isnan(value) else float(value)
-
-
-def load_run(path: str | Path, label: str | None = None) -> Run:
-    results_file = find_results_file(Path(path))
-    try:
-        data = json.loads(results_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{results_file}: not a readable JSON file ({error})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise ValueError(f"{results_file}: not an lmms-eval results file (no 'results' section)")
-    config = data.get("config") or {}
-    if label is None:
-        layer = re.search(r"withdraw_layer=([^,]+)", str(config.get("model_args", "")))
-        label = f"{config.get('model', results_file.parent.name)}" + (f" K={layer.group(1)}" if layer else "")
-    run = Run(label, results_file, data)
-    higher_is_better = data.get("higher_is_better") or {}
-    for task, entries in data["results"].items():
-        for key, value in entries.items():
-            if "," not in key or "_stderr" in key:
-                continue
-            metric, filter_name = key.split(",", 1)
-            name = metric if filter_name == "none" else key
-            run.metrics[(task, name)] = {
-                "value": _number(value),
-                "stderr": _number(entries.get(f"{metric}_stderr,{filter_name}")),
-                "higher_is_better": (higher_is_better.get(task) or {}).get(metric),
-            }
-    return run
-
-
-def model_arguments(run: Run) -> dict[str, str]:
-    """The run's ``--model_args`` as name -> value (lmms-eval stores the string as typed, or a dict)."""
-    given = (run.data.get("config") or {}).get("model_args") or {}
-    if isinstance(given, dict):
-        return {str(name): str(value) for name, value in given.items()}
-    pairs = (item.split("=", 1) for item in str(given).split(",") if "=" in item)
-    return {name.strip(): value.strip() for name, value in pairs}
-
-
-def docs_per_task(run: Run) -> dict[str, int]:
-    """task -> number of docs evaluated (lmms-eval's ``n-samples``, after ``--limit``)."""
-    counts = run.data.get("n-samples") or {}
-    return {
-        task: int(entry["effective"])
-        for task, entry in counts.items()
-        if isinstance(entry, dict) and "effective" in entry
-    }
 
 
 def different_models(runs: list[Run]) -> list[str]:
@@ -191,35 +95,40 @@ def fewer_docs(runs: list[Run]) -> list[str]:
 
 
 def metric_rows(runs: list[Run]) -> list[dict]:
-    """One row per (task, metric) found in any run; missing ones stay None."""
+    """One row per (task, metric) found in any run: per run (in order) its value and stderr, and
+    for the candidates the absolute and relative delta to the baseline (the baseline's: None);
+    missing ones are None."""
     keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
     rows = []
-    baseline = runs[0]
     for task, metric in keys:
         entries = [run.metrics.get((task, metric)) for run in runs]
-        hib = next((e["higher_is_better"] for e in entries if e and e["higher_is_better"] is not None), None)
-        row = {"task": task, "metric": metric, "higher_is_better": hib}
-        base_value = entries[0]["value"] if entries[0] else None
-        for run, entry in zip(runs, entries):
-            value = entry["value"] if entry else None
-            row[run.label] = value
-            row[f"{run.label} stderr"] = entry["stderr"] if entry else None
-            if run is baseline:
-                continue
-            delta = None if value is None or base_value is None else value - base_value
-            row[f"{run.label} delta"] = delta
-            row[f"{run.label} rel"] = None if delta is None or base_value == 0 else delta / abs(base_value)
-        row["present_in"] = sum(entry is not None for entry in entries)
-        rows.append(row)
+        values = [entry["value"] if entry else None for entry in entries]
+        base = values[0]
+        deltas = [None] + [None if value is None or base is None else value - base for value in values[1:]]
+        rows.append(
+            {
+                "task": task,
+                "metric": metric,
+                "higher_is_better": next(
+                    (e["higher_is_better"] for e in entries if e and e["higher_is_better"] is not None), None
+                ),
+                "values": values,
+                "stderr": [entry["stderr"] if entry else None for entry in entries],
+                "delta": deltas,
+                "rel": [None if delta is None or base == 0 else delta / abs(base) for delta in deltas],
+                "present_in": sum(entry is not None for entry in entries),
+            }
+        )
     return rows
 
 
 def efficiency_rows(runs: list[Run]) -> list[dict]:
-    """Wall time and, when the backend logged them, the VTW figures under ``throughput``."""
+    """Wall time and, when the backend logged them, the VTW figures under ``throughput``: per
+    figure, one value per run."""
     rows = []
-    wall = [_number(run.data.get("total_evaluation_time_seconds")) for run in runs]
+    wall = [number(run.data.get("total_evaluation_time_seconds")) for run in runs]
     if any(v is not None for v in wall):
-        rows.append({"figure": "wall time (s)", **{run.label: v for run, v in zip(runs, wall)}})
+        rows.append({"figure": "wall time (s)", "values": wall})
     # Each task's own K (withdraw_layer/<task>) and the calibration cost, when calibrate_per_task ran.
     per_task = sorted(
         {
@@ -229,20 +138,20 @@ def efficiency_rows(runs: list[Run]) -> list[dict]:
             if key.startswith(("avg_withdraw_layer/", "avg_calibration_"))
         }
     )
-    named = [(key, key) for key in LMMS_EVAL_KEYS] + [(key, f"avg_{key}") for key in (*EFFICIENCY_KEYS, *per_task)]
+    named = [(key, key) for key in LMMS_EVAL_KEYS] + [(key, f"avg_{key}") for key in (*THROUGHPUT_KEYS, *per_task)]
     for key, stored in named:
-        values = [_number((run.data.get("throughput") or {}).get(stored)) for run in runs]
+        values = [number((run.data.get("throughput") or {}).get(stored)) for run in runs]
         if any(v is not None for v in values):
-            rows.append({"figure": key, **{run.label: v for run, v in zip(runs, values)}})
+            rows.append({"figure": key, "values": values})
     totals = [_calibration_total(run) for run in runs]  # each task's calibration is its own key
     if any(v is not None for v in totals):
-        rows.append({"figure": "calibration_tflops (all tasks)", **{run.label: v for run, v in zip(runs, totals)}})
+        rows.append({"figure": "calibration_tflops (all tasks)", "values": totals})
     return rows
 
 
 def _calibration_total(run: Run) -> float | None:
     values = [
-        _number(value)
+        number(value)
         for key, value in (run.data.get("throughput") or {}).items()
         if key.startswith("avg_calibration_tflops/")
     ]
@@ -257,7 +166,7 @@ def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:
         base_answers = sample_answers(baseline, task)
         if base_answers is None:
             continue
-        for run in runs[1:]:
+        for index, run in enumerate(runs[1:], 1):
             answers = sample_answers(run, task)
             if answers is None:
                 continue
@@ -266,6 +175,7 @@ def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:
             changes.append(
                 {
                     "task": task,
+                    "run": index,
                     "candidate": run.label,
                     "compared": len(common),
                     "changed": len(changed),
@@ -275,59 +185,10 @@ def sample_changes(runs: list[Run], show: int = 3) -> list[dict]:
     return changes
 
 
-def sample_answers(run: Run, task: str) -> dict | None:
-    """doc_id -> filtered answer, from the --log_samples file written beside the results file."""
-    prefix = run.results_file.name.removesuffix("_results.json")
-    samples_file = run.results_file.parent / f"{prefix}_samples_{task}.jsonl"
-    if not samples_file.exists():
-        return None
-    answers = {}
-    for number, line in enumerate(samples_file.read_text().splitlines(), 1):
-        try:
-            sample = json.loads(line)
-            answers[sample["doc_id"]] = _answer(sample["filtered_resps"])
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{samples_file}:{number}: not an lmms-eval sample ({error})") from None
-    return answers
-
-
-def loglikelihood_pairs(responses: list) -> list[tuple[float, bool]] | None:
-    """A multiple-choice sample's (log-likelihood, is_greedy) per option, or None if it is not
-    one. lmms-eval 0.7.3 turns these responses into their string form before scoring and logging."""
-    try:
-        pairs = [ast.literal_eval(r) if isinstance(r, str) else r for r in responses]
-        return [(float(pair[0]), bool(pair[1])) for pair in pairs]
-    except (ValueError, SyntaxError, TypeError, IndexError):
-        return None
-
-
-def _answer(response) -> str:
-    """A sample's answer: the generated text, or for multiple choice the chosen option's index.
-    Comparing raw log-likelihoods would call every multiple-choice answer changed."""
-    if isinstance(response, list) and response:
-        pairs = loglikelihood_pairs(response)
-        if pairs is None:
-            return json.dumps(response)
-        log_likelihoods = [value for value, _ in pairs]
-        return f"option {log_likelihoods.index(max(log_likelihoods))}"
-    return response if isinstance(response, str) else json.dumps(response)
-
-
 def not_gated(rows: list[dict]) -> list[str]:
     """Metrics whose direction is unknown (no ``higher_is_better`` in any run's results): a gate
     cannot tell a drop from a gain there, so they are listed, never silently passed."""
     return [f"{row['task']} {row['metric']}" for row in rows if row["higher_is_better"] is None]
-
-
-def check_labels(runs: list[Run]) -> None:
-    """A ValueError when a label would overwrite one of the table's own fields or columns."""
-    for run in runs:
-        if run.label in RESERVED_LABELS or run.label.endswith(LABEL_SUFFIXES):
-            raise ValueError(
-                f"label {run.label!r} is not accepted: labels name columns, and it collides with the table's own "
-                f"({', '.join(RESERVED_LABELS)}, or a name ending in{', '.join(LABEL_SUFFIXES)}); "
-                "choose other --labels"
-            )
 
 
 def drops(rows: list[dict], runs: list[Run], threshold: float) -> list[str]:
@@ -337,16 +198,16 @@ def drops(rows: list[dict], runs: list[Run], threshold: float) -> list[str]:
     Metrics of unknown direction are ``not_gated``."""
     found = []
     for row in rows:
-        if row[runs[0].label] is None:
+        if row["values"][0] is None:
             continue
-        for run in runs[1:]:
-            if row[run.label] is None:
+        for index, run in enumerate(runs[1:], 1):
+            if row["values"][index] is None:
                 what = "missing" if (row["task"], row["metric"]) not in run.metrics else "N/A or NaN"
                 found.append(f"{row['task']} {row['metric']}: {what} in {run.label}, the baseline has a number")
                 continue
             if row["higher_is_better"] is None:
                 continue
-            delta = row[f"{run.label} delta"]
+            delta = row["delta"][index]
             worse_by = -delta if row["higher_is_better"] else delta
             if worse_by > threshold:
                 found.append(f"{row['task']} {row['metric']}: {run.label} worse by {worse_by:.4g} (> {threshold:g})")
@@ -365,12 +226,19 @@ def drop_threshold(text: str) -> float:
 
 
 def render(
-    runs: list[Run], rows: list[dict], efficiency: list[dict], changes: list[dict] | None, fmt: str, notes: list[str]
+    runs: list[Run],
+    rows: list[dict],
+    efficiency: list[dict],
+    changes: list[dict] | None,
+    fmt: str,
+    notes: list[str] = (),
 ) -> str:
+    """The comparison in ``fmt``; the runs' labels name its columns (JSON lists the runs once and
+    keeps every row's per-run lists in their order)."""
     if fmt == "json":
         document = {
             "runs": [{"label": r.label, "results_file": str(r.results_file)} for r in runs],
-            "not_comparable": notes,
+            "not_comparable": list(notes),
             "metrics": rows,
             "efficiency": efficiency,
         }
@@ -383,17 +251,11 @@ def render(
     headers.append("stderr")
     table = []
     for row in rows:
-        line = [
-            row["task"],
-            row["metric"],
-            {True: "↑", False: "↓"}.get(row["higher_is_better"], "?"),
-            row[runs[0].label],
-        ]
-        for run in runs[1:]:
-            rel = row[f"{run.label} rel"]
-            line += [row[run.label], row[f"{run.label} delta"], None if rel is None else f"{rel:+.1%}"]
-        stderrs = [row[f"{run.label} stderr"] for run in runs]
-        line.append(" / ".join("-" if s is None else f"{s:.4g}" for s in stderrs))
+        line = [row["task"], row["metric"], {True: "↑", False: "↓"}.get(row["higher_is_better"], "?"), row["values"][0]]
+        for index in range(1, len(runs)):
+            rel = row["rel"][index]
+            line += [row["values"][index], row["delta"][index], None if rel is None else f"{rel:+.1%}"]
+        line.append(" / ".join("-" if s is None else f"{s:.4g}" for s in row["stderr"]))
         table.append(line)
     if fmt == "csv":
         buffer = io.StringIO()
@@ -405,11 +267,10 @@ def render(
     parts = [comparability_header(notes)] if notes else []
     parts.append(tabulate(table, headers=headers, tablefmt=style, floatfmt=".4g", missingval="N/A"))
     if efficiency:
-        labels = [run.label for run in runs]
         parts.append(
             tabulate(
-                [[e["figure"], *[e.get(label) for label in labels]] for e in efficiency],
-                headers=["efficiency", *labels],
+                [[e["figure"], *e["values"]] for e in efficiency],
+                headers=["efficiency", *[run.label for run in runs]],
                 tablefmt=style,
                 floatfmt=".4g",
                 missingval="N/A",
@@ -464,12 +325,6 @@ def main(argv: list[str] | None = None) -> int:
         twice = sorted({str(f) for f in files if files.count(f) > 1})
         if twice:
             raise ValueError(f"the same results file is given more than once: {', '.join(twice)}")
-        seen = set()
-        for index, run in enumerate(runs):  # labels are column names: keep them distinct
-            if run.label in seen:
-                run.label = f"{run.label} #{index + 1}"
-            seen.add(run.label)
-        check_labels(runs)
         different = different_models(runs)
         if different and not args.allow_different_models:
             raise ValueError(

@@ -24,6 +24,11 @@ states; the spare slots of a row that keeps fewer tokens get the 2D padding mask
 gives such layers for left padding (the layer zeroes those positions, so they leave the states
 untouched).
 
+Which positions go is a plan built from a keep mask (per row, any ordered subset of the prompt's
+positions). VTW keeps every text position; another method gives a ``KeepSelector``, asked at the
+first withdrawn layer of each prefill, after the layers before it ran (so it may use what its own
+hooks saw there, e.g. a layer's queries and keys). Everything below follows any such subset.
+
 All state lives on one ``VisualTokenWithdrawal`` object per model and describes the current
 batch only.
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -40,6 +46,8 @@ from transformers.masking_utils import (
     create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
 )
+
+from vtw_eval.architecture import Architecture, language_model_of
 
 
 @dataclass
@@ -55,6 +63,7 @@ class WithdrawalPlan:
     kept_positions: torch.Tensor  # (batch, n_kept) long, original indices
     kept_attention_mask: torch.Tensor  # (batch, n_kept) bool, False at spare slots and padding
     prompt_length: int
+    num_removed: torch.Tensor  # (batch,) long: the prompt tokens each row withdraws (padding not counted)
 
     @property
     def batch_rows(self) -> torch.Tensor:
@@ -95,51 +104,46 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def plan_from_keep_mask(
+    keep: torch.Tensor, attention_mask: torch.Tensor | None, visual_mask: torch.Tensor
+) -> WithdrawalPlan:
+    """The plan that keeps the positions where ``keep`` (batch, prompt_length) is True, in order.
+    The last prompt position must stay: the next token is predicted from it."""
+    if not keep[:, -1].all():
+        raise ValueError("A plan withdraws the last prompt position; the next token is predicted from it.")
+    real = torch.ones_like(keep) if attention_mask is None else attention_mask.to(torch.bool)
+    n_kept = int(keep.sum(dim=1).max())
+    # A stable sort puts each row's withdrawn positions first and its kept positions last, in order.
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
+    kept_positions = order[:, -n_kept:]
+    kept_attention_mask = keep.gather(1, kept_positions) & real.gather(1, kept_positions)
+    num_removed = (~keep & real).sum(dim=1)
+    return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, keep.shape[1], num_removed)
+
+
 def plan_withdrawal(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_token_ids: list[int]
 ) -> WithdrawalPlan:
-    """Find the visual positions of a prompt batch (by token id) and the positions that stay."""
+    """VTW's plan: every visual position (by token id) goes, every other stays."""
     visual_mask = torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device))
-    keep = ~visual_mask
     if visual_mask[:, -1].any():
         raise ValueError(
             "A prompt ends with a visual token; VTW predicts from the last prompt token, which must be text."
         )
-    n_kept = int(keep.sum(dim=1).max())
-    # A stable sort puts each row's visual positions first and its kept positions last, in order.
-    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
-    kept_positions = order[:, -n_kept:]
-    kept_attention_mask = keep.gather(1, kept_positions)
-    if attention_mask is not None:
-        kept_attention_mask &= attention_mask.to(torch.bool).gather(1, kept_positions)
-    return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, input_ids.shape[1])
+    return plan_from_keep_mask(~visual_mask, attention_mask, visual_mask)
 
 
-def visual_token_ids_of(config) -> list[int]:
-    """Token ids whose positions hold visual embeddings: the image token's first, then the video token's
-    where the model has one."""
-    ids = []
-    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
-        value = getattr(config, name, None)
-        if value is not None and value not in ids:
-            ids.append(int(value))
-    if not ids:
-        raise ValueError(f"{type(config).__name__} names no image or video token id; cannot find visual tokens.")
-    return ids
+class KeepSelector(Protocol):
+    """Which prompt positions stay when withdrawal is not VTW's (all visual positions go): called
+    at the first withdrawn layer of a prefill with the batch's visual mask and 2D attention mask
+    (batch, prompt_length) and that layer's input hidden states; returns a (batch, prompt_length)
+    bool keep mask, True at every position that stays (the text positions at least)."""
+
+    def __call__(
+        self, visual_mask: torch.Tensor, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
-def language_model_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (the module with ``.layers`` and ``.norm``) of a transformers VLM."""
-    for path in ("model.language_model", "language_model", "model"):
-        module = model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
-            return module
-    raise ValueError(f"Cannot find the language decoder layers of {type(model).__name__}.")
-
-
-DECODING_POSITIONS = ("count", "from_attention_mask")
 # The layer types of ``config.layer_types`` whose masks are causal over the KV cache, by the
 # transformers function that builds them; a recurrent type maps to the 2D padding mask.
 ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -151,52 +155,34 @@ class VisualTokenWithdrawal:
     ``withdraw_layer`` may be changed at any time between calls; ``None`` or the layer count
     means no withdrawal (the model runs bit-identically to the unmodified one).
 
-        vtw = VisualTokenWithdrawal(model, withdraw_layer=16)
+        vtw = VisualTokenWithdrawal(model, 16, VTWQwen2VL.architecture)
         model.generate(**inputs)      # withdrawal on
         vtw.remove()                  # hooks gone
 
-    ``decoding_positions`` says how the model numbers the tokens of a decoding step that comes
-    without position ids (the architecture adapter knows): ``"count"``, from the length of its
-    layer-0 cache, which the engine replaces by explicit positions after the full prompt (that
-    cache is reduced when K = 0); ``"from_attention_mask"``, from the 2D attention mask, as
-    Qwen2-VL's multimodal rotary positions are, which the engine then gives in full.
-
-    ``injected_visual_features`` names the language model's keyword argument, if the architecture
-    has one, that carries a list of visual features added at the visual positions after decoder
-    layer i for its i-th entry (Qwen3-VL: ``deepstack_visual_embeds``). With withdrawal at K the
-    entries for layers >= K have no position to go to and are left out; those before K are added
-    exactly as in the unmodified model.
-
-    ``recurrent_layer_types`` names the entries of ``config.layer_types`` that are recurrent layers
-    (Qwen3.5: ``linear_attention``): they take the 2D padding mask instead of a causal one.
+    ``architecture`` is what the model family's adapter declares (``vtw_eval.architecture``):
+    how decoding positions are numbered, which visual features the decoder adds between layers,
+    which layers are recurrent, which token ids are visual. ``keep_selector`` chooses which
+    positions stay (default: VTW, every text position; see ``KeepSelector``).
     """
 
     def __init__(
         self,
         model: nn.Module,
         withdraw_layer: int | None,
-        decoding_positions: str = "count",
-        injected_visual_features: str | None = None,
-        recurrent_layer_types: tuple[str, ...] = (),
+        architecture: Architecture = Architecture(),
+        keep_selector: KeepSelector | None = None,
     ):
-        if decoding_positions not in DECODING_POSITIONS:
-            raise ValueError(f"decoding_positions={decoding_positions!r}; use one of {DECODING_POSITIONS}")
         self.model = model
-        self.decoding_positions = decoding_positions
+        self.architecture = architecture
         self.language_model = language_model_of(model)
+        self.layer_kinds = architecture.layer_kinds(model)  # refuses a type it cannot mask
         self.num_layers = len(self.language_model.layers)
-        self.recurrent_layer_types = tuple(recurrent_layer_types)
-        for index in range(self.num_layers):  # refused now rather than masked wrongly later
-            kind = layer_mask_kind(self.language_model.config, index)
-            if kind not in ATTENTION_MASKS and kind not in self.recurrent_layer_types:
-                raise ValueError(
-                    f"decoder layer {index} of {type(model).__name__} is of type {kind!r}; VTW knows "
-                    f"{sorted(ATTENTION_MASKS)} and the recurrent types its adapter declares: "
-                    f"{self.recurrent_layer_types}"
-                )
-        self.visual_token_ids = visual_token_ids_of(model.config)
+        self.visual_token_ids = architecture.visual_token_ids(model.config)
+        self.keep_selector = keep_selector
         self.withdraw_layer = withdraw_layer
         self.plan: WithdrawalPlan | None = None  # of the current batch; None when nothing is withdrawn
+        self._visual_mask: torch.Tensor | None = None  # of the current prefill, until the plan is made
+        self._prompt_mask: torch.Tensor | None = None  # its 2D attention mask
         self._seen_tokens = 0  # full-sequence length processed so far in the current batch
         self._prefill = False  # whether the current call is the batch's prefill
         self._reduced_2d_mask: torch.Tensor | None = None  # for the current call, over the reduced cache
@@ -204,15 +190,16 @@ class VisualTokenWithdrawal:
         # Per rotary embedding of the call (Gemma 3 has a local and a global one): the decoder's cos,
         # then the kept cos, sin and position ids.
         self._kept_rotary: dict[int, tuple] = {}
+        self._late_features: list = []  # injected visual features of layers >= K (prefill)
         self._handles = [model.register_forward_pre_hook(self._before_model_call, with_kwargs=True)]
         for index, layer in enumerate(self.language_model.layers):
-            hook = self._make_layer_hook(index)
-            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        self.injected_visual_features = injected_visual_features
-        if injected_visual_features is not None:
+            self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
+        if architecture.injected_visual_features is not None:
             self._handles.append(
                 self.language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True)
             )
+            for index, layer in enumerate(self.language_model.layers):
+                self._handles.append(layer.register_forward_hook(self._make_injection_hook(index)))
 
     @property
     def withdraw_layer(self) -> int | None:
@@ -236,20 +223,29 @@ class VisualTokenWithdrawal:
         self._handles = []
 
     def _start_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        self.plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
-        self._prefill = True
-        self._seen_tokens = input_ids.shape[1]
-        if not self.plan.visual_mask.any():
-            self.plan = None  # a text-only batch runs as the unmodified model
-        else:
-            self._reduced_2d_mask = self.plan.kept_attention_mask
+        """A prefill: find the visual positions; the plan is made at the first withdrawn layer."""
+        self.plan, self._prefill, self._seen_tokens = None, True, input_ids.shape[1]
+        self._visual_mask, self._prompt_mask = None, attention_mask
+        if self.keep_selector is None:  # VTW decides from the prompt alone
+            plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
+            if plan.visual_mask.any():  # a text-only batch runs as the unmodified model
+                self._visual_mask = plan.visual_mask
+                self._set_plan(plan)
+            return
+        visual_mask = torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+        if visual_mask.any():
+            self._visual_mask = visual_mask
+
+    def _set_plan(self, plan: WithdrawalPlan) -> None:
+        self.plan = plan
+        self._reduced_2d_mask = plan.kept_attention_mask
 
     # -- the model-level hook: plan at prefill, extend the mask at decoding steps ---------------
 
     def _before_model_call(self, module, args, kwargs):
-        self._layer_masks, self._kept_rotary = {}, {}
+        self._layer_masks, self._kept_rotary, self._late_features = {}, {}, []
         if not self.active:
-            self.plan = None
+            self.plan = self._visual_mask = None
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -278,7 +274,7 @@ class VisualTokenWithdrawal:
         self._reduced_2d_mask = torch.cat([self.plan.kept_attention_mask, tail], dim=1)
         if kwargs.get("position_ids") is None:
             total = self._seen_tokens + new_tokens
-            if self.decoding_positions == "count":
+            if self.architecture.decoding_positions == "count":
                 positions = torch.arange(self._seen_tokens, total, device=input_ids.device)
                 kwargs = {**kwargs, "position_ids": positions[None].expand(input_ids.shape[0], -1)}
             elif attention_mask is None:
@@ -287,18 +283,45 @@ class VisualTokenWithdrawal:
         self._seen_tokens += new_tokens
         return args, kwargs
 
+    # -- injected visual features (DeepStack) ------------------------------------------------
+
     def _before_language_model(self, module, args, kwargs):
-        """Keep the injected visual features of the layers before K only (prefill)."""
-        features = kwargs.get(self.injected_visual_features)
-        if self.plan is None or not self._prefill or features is None:
+        """The decoder adds the entries of layers before K itself; those of layers >= K would
+        meet a reduced sequence, so the engine adds them at the kept visual positions (none for
+        VTW) after those layers (prefill)."""
+        name = self.architecture.injected_visual_features
+        features = kwargs.get(name)
+        if self._visual_mask is None or not self._prefill or features is None:
             return None
-        return args, {**kwargs, self.injected_visual_features: list(features)[: self._withdraw_layer]}
+        self._late_features = list(features)[self._withdraw_layer :]
+        return args, {**kwargs, name: list(features)[: self._withdraw_layer]}
+
+    def _make_injection_hook(self, layer_index: int):
+        def hook(module, args, output):
+            late = layer_index - self._withdraw_layer if self.active else -1
+            if self.plan is None or not self._prefill or not 0 <= late < len(self._late_features):
+                return None
+            plan, features = self.plan, self._late_features[late]
+            hidden = output[0] if isinstance(output, tuple) else output
+            # The features are one row per visual token of the batch, in row-major order.
+            visual = plan.visual_mask.to(hidden.device)
+            index = (visual.flatten().cumsum(0) - 1).view_as(visual).gather(1, plan.kept_positions.to(hidden.device))
+            kept_visual = visual.gather(1, plan.kept_positions.to(hidden.device)) & plan.kept_attention_mask.to(
+                hidden.device
+            )
+            if not kept_visual.any():
+                return None
+            hidden = hidden.clone()
+            hidden[kept_visual] = hidden[kept_visual] + features.to(hidden.device, hidden.dtype)[index[kept_visual]]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
 
     # -- the layer-level hooks ---------------------------------------------------------------
 
     def _make_layer_hook(self, layer_index: int):
         def hook(module, args, kwargs):
-            if self.plan is None or layer_index < self._withdraw_layer:
+            if self._visual_mask is None or not self.active or layer_index < self._withdraw_layer:
                 return None
             return self._withdrawn_layer_inputs(layer_index, args, kwargs)
 
@@ -308,6 +331,9 @@ class VisualTokenWithdrawal:
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._prefill:
             if layer_index == self._withdraw_layer:
+                if self.keep_selector is not None:  # decided now, from what the layers before saw
+                    keep = self.keep_selector(self._visual_mask, self._prompt_mask, hidden).to(torch.bool)
+                    self._set_plan(plan_from_keep_mask(keep.to(hidden.device), self._prompt_mask, self._visual_mask))
                 hidden = self.plan.gather(hidden)
             cos, sin, position_ids = self._kept_positions(kwargs["position_embeddings"], kwargs.get("position_ids"))
             kwargs["position_embeddings"] = (cos, sin)
@@ -332,7 +358,7 @@ class VisualTokenWithdrawal:
 
     def _mask_for(self, layer_index: int, hidden: torch.Tensor, cache) -> torch.Tensor | None:
         """The attention mask of a withdrawn layer, built once per call and mask kind."""
-        kind = layer_mask_kind(self.language_model.config, layer_index)
+        kind = self.layer_kinds[layer_index]
         if kind not in self._layer_masks:
             mask_2d = self._reduced_2d_mask.to(hidden.device)
             positions = self._slot_positions(hidden.device) if kind == "sliding_attention" else None
@@ -359,8 +385,8 @@ class VisualTokenWithdrawal:
         same shape; needed by sliding-window layers only) is each slot's original position, by which
         their window counts."""
         config = self.language_model.config
-        kind = layer_mask_kind(config, layer_index)
-        if kind in self.recurrent_layer_types:  # the 2D padding mask of the new tokens, or None
+        kind = self.layer_kinds[layer_index]
+        if kind in self.architecture.recurrent_layer_types:  # the 2D padding mask of the new tokens, or None
             return create_recurrent_attention_mask(config, hidden, mask_2d, cache)
         window = {}
         if kind == "sliding_attention":
@@ -381,11 +407,3 @@ def original_position_window(positions: torch.Tensor, window: int):
         return positions[batch_idx, kv_idx] > positions[batch_idx, q_idx] - window
 
     return within_window
-
-
-def layer_mask_kind(config, layer_index: int) -> str:
-    """The layer's entry in ``config.layer_types`` (``full_attention``, ``sliding_attention``,
-    ``linear_attention``, ...); without that list, by whether the config has a sliding window."""
-    if getattr(config, "layer_types", None) is not None:
-        return config.layer_types[layer_index]
-    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"

@@ -5,7 +5,7 @@ lmms-eval 0.7.3 turns every loglikelihood response into its string form
 for all models; this reads the ``(log_likelihood, is_greedy)`` pairs back.
 """
 
-from vtw_eval.diff import loglikelihood_pairs
+from vtw_eval.results import loglikelihood_pairs
 
 CHOICES = ["Yes", "No"]
 

@@ -4,6 +4,7 @@ checked one by one: each refusal names the argument, what was given and what is 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from lmms_eval.utils import _smart_comma_split
@@ -98,3 +99,21 @@ def boolean(name: str, value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise ValueError(f"{name}={value!r} is not accepted; use true or false")
+
+
+def command_line_option(name: str, argv: list[str] | None = None) -> str | None:
+    """The value of lmms-eval's command-line option ``name`` (``--output_path X`` or
+    ``--output_path=X``), or None. lmms-eval does not tell a model its options; its command line
+    is the only place that says them."""
+    argv = sys.argv if argv is None else argv
+    for index, arg in enumerate(argv):
+        if arg == name and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def response_cache_requested(argv: list[str] | None = None) -> bool:
+    """Whether the lmms-eval command line asked for its response cache (``--use_cache PATH``)."""
+    return command_line_option("--use_cache", argv) is not None

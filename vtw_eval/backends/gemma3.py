@@ -23,7 +23,8 @@ from PIL import Image
 from transformers import Gemma3ForConditionalGeneration
 
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend, jpeg_data_url
+from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.visuals import Visual, jpeg_data_url
 
 
 class VTWGemma3(VTWBackend):
@@ -56,7 +57,7 @@ class VTWGemma3(VTWBackend):
         self.system_prompt = system_prompt
         super().__init__(pretrained, **kwargs)
 
-    def _video_frames(self, path: str) -> np.ndarray:
+    def video_frames(self, path: str) -> np.ndarray:
         """``max_num_frames`` frames sampled uniformly, read as lmms-eval's gemma3 reads them."""
         from lmms_eval.models.model_utils.load_video import read_video  # needs PyAV, which images do not
 
@@ -71,7 +72,7 @@ class VTWGemma3(VTWBackend):
         messages.append({"role": "user", "content": [*[{"type": "image"}] * images, {"type": "text", "text": context}]})
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
         """Each row's images as lmms-eval sends them (JPEG data URLs) and the processor's padding
         to a multiple of 8."""
         images = [

@@ -15,14 +15,16 @@ import torch
 from PIL import Image
 from transformers import Glm4vForConditionalGeneration
 
+from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend, jpeg_data_url
+from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.visuals import Visual, jpeg_data_url
 
 
 class VTWGlm4v(VTWBackend):
     # The MoE GLM-4.6V (Glm4vMoeForConditionalGeneration) is not served: its experts are not in the cost model.
     model_classes = {"glm4v": Glm4vForConditionalGeneration}
-    decoding_positions = "from_attention_mask"  # multimodal rotary positions follow the 2D mask
+    architecture = Architecture(decoding_positions="from_attention_mask")  # 3-D rotary positions follow the 2D mask
     decode_kwargs = {"clean_up_tokenization_spaces": False}
     strips_answers = False
 
@@ -44,7 +46,7 @@ class VTWGlm4v(VTWBackend):
         messages.append({"role": "user", "content": content})
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
         """Images as lmms-eval sends them (JPEG data URLs, which the processor decodes)."""
         images = [jpeg_data_url(v) for v in visuals if isinstance(v, Image.Image)]
         inputs = self.processor(

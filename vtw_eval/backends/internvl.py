@@ -18,7 +18,8 @@ from PIL import Image
 from transformers import InternVLForConditionalGeneration
 
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend
+from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.visuals import Visual
 
 
 class VTWInternVL(VTWBackend):
@@ -38,7 +39,7 @@ class VTWInternVL(VTWBackend):
         self.video_kwargs = {"do_sample_frames": True, "num_frames": arguments.integer("num_frames", num_frames)}
         super().__init__(pretrained, **kwargs)
 
-    def _video_frames(self, path: str) -> str:
+    def video_frames(self, path: str) -> str:
         """Videos stay paths: the processor reads and samples them, as in lmms-eval's backend."""
         return path
 
@@ -47,7 +48,7 @@ class VTWInternVL(VTWBackend):
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": context}]}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
         images = [v for v in visuals if isinstance(v, Image.Image)]
         videos = [v for v in visuals if not isinstance(v, Image.Image)]
         inputs = self.processor(

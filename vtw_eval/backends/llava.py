@@ -12,7 +12,8 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
-from vtw_eval.backends.base import Visual, VTWBackend
+from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.visuals import Visual
 
 IMAGE_TOKEN = "<image>"
 # The Vicuna-v1 conversation format of LLaVA-1.5, for tokenizers that ship no chat template.

@@ -11,13 +11,16 @@ import numpy as np
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend, video_length
+from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.visuals import Visual, video_length
 
 
 class VTWQwen2VL(VTWBackend):
     model_classes = {"qwen2_vl": Qwen2VLForConditionalGeneration}
-    decoding_positions = "from_attention_mask"  # multimodal rotary positions follow the 2D mask
+    # Multimodal rotary positions: decoding continues them from the 2D mask.
+    architecture = Architecture(decoding_positions="from_attention_mask")
 
     def __init__(
         self,
@@ -35,7 +38,7 @@ class VTWQwen2VL(VTWBackend):
                 processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         self.system_prompt = system_prompt
 
-    def _video_frames(self, path: str) -> np.ndarray:
+    def video_frames(self, path: str) -> np.ndarray:
         """``max_num_frames`` frames spread evenly over the video (all of them when it has fewer:
         no frame twice), read as lmms-eval reads them."""
         # Imported here: lmms-eval's video module needs PyAV, which image tasks do not.

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
+from vtw_eval.architecture import Architecture
 from vtw_eval.backends.qwen3_vl import VTWQwen3VL
 
 
 class VTWQwen3_5(VTWQwen3VL):
     model_classes = {"qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}
-    injected_visual_features = None  # no DeepStack in Qwen3.5
-    recurrent_layer_types = ("linear_attention",)  # Gated DeltaNet: conv + recurrent state, no KV cache
+    architecture = Architecture(
+        decoding_positions="from_attention_mask",  # multimodal rotary positions follow the 2D mask
+        recurrent_layer_types=("linear_attention",),  # Gated DeltaNet: conv + recurrent state, no KV cache
+    )  # no DeepStack in Qwen3.5
     default_generation_kwargs = {"max_new_tokens": 1024, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
 
     def __init__(

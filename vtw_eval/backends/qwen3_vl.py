@@ -21,16 +21,20 @@ from PIL import Image
 from qwen_vl_utils import process_vision_info
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
+from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
-from vtw_eval.backends.base import Visual, VTWBackend, video_length
+from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.visuals import Visual, video_length
 
 IMAGE_PATCH_SIZE = 16  # Qwen3-VL's and Qwen3.5's ViT patch; qwen_vl_utils resizes to multiples of twice it
 
 
 class VTWQwen3VL(VTWBackend):
     model_classes = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
-    decoding_positions = "from_attention_mask"  # multimodal rotary positions follow the 2D mask
-    injected_visual_features = "deepstack_visual_embeds"  # DeepStack, added after the first decoder layers
+    architecture = Architecture(
+        decoding_positions="from_attention_mask",  # multimodal rotary positions follow the 2D mask
+        injected_visual_features="deepstack_visual_embeds",  # DeepStack, added after the first decoder layers
+    )
     # lmms-eval's Qwen3_VL.DEFAULT_GEN_KWARGS, under the task's generation_kwargs.
     default_generation_kwargs = {"max_new_tokens": 128, "temperature": 0.0, "top_p": None, "num_beams": 1}
     decode_kwargs = {"clean_up_tokenization_spaces": False}
@@ -73,7 +77,7 @@ class VTWQwen3VL(VTWBackend):
         self.enable_thinking = arguments.boolean("enable_thinking", enable_thinking)
         super().__init__(pretrained, **kwargs)
 
-    def _video_frames(self, path: str) -> str:
+    def video_frames(self, path: str) -> str:
         """Videos stay paths: qwen_vl_utils reads and samples them, as in lmms-eval's backend.
         Read once here, so that an unreadable file stops with its own error."""
         video_length(path)
@@ -99,7 +103,7 @@ class VTWQwen3VL(VTWBackend):
         thinking = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **thinking)
 
-    def _encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
         """Visuals resized (and videos read and sampled) by qwen_vl_utils, then the processor."""
         elements = [
             {"type": "image", "image": v, **self.image_kwargs} if isinstance(v, Image.Image) else self._video_element(v)

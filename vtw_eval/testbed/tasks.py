@@ -268,10 +268,9 @@ CHANCE: dict[str, tuple[str, float | None]] = {
 BEST = {"mme_perception_score": 800.0, "gpt_eval_score": 100.0, "exact_match": 1.0, "pope_accuracy": 1.0}
 
 
-def check_claims(
-    rows: list[dict], baseline: str, vtw: str, k0: str, withdraw_layer: int, num_layers: int
-) -> list[tuple[str, bool, str]]:
-    """The testbed's three claims, on vtw-diff rows (vtw_eval.diff.metric_rows) of the three runs.
+def check_claims(rows: list[dict], withdraw_layer: int, num_layers: int) -> list[tuple[str, bool, str]]:
+    """The testbed's three claims, on vtw-diff rows (vtw_eval.diff.metric_rows) of three runs in
+    this order: the baseline, VTW at the calibrated K, K=0.
 
     Scores are compared as fractions of each metric's range from chance to best:
     (a) the baseline closes at least half of the gap from chance to best, on every task;
@@ -286,10 +285,11 @@ def check_claims(
         if row is None or chance is None:
             continue
         gap = BEST[metric] - chance
+        baseline, vtw, k0 = row["values"]
         # 1e-9 keeps the edges inside: 2 docs of 100 are 2 points, though 0.77 - 0.75 > 0.02 in floats
-        found["a"].append((task, (row[baseline] - chance) / gap >= 0.5 - 1e-9, f"{row[baseline]:.3g}"))
-        found["b"].append((task, (row[k0] - chance) / gap <= 0.2 + 1e-9, f"{row[k0]:.3g}"))
-        delta = row[vtw] - row[baseline]
+        found["a"].append((task, (baseline - chance) / gap >= 0.5 - 1e-9, f"{baseline:.3g}"))
+        found["b"].append((task, (k0 - chance) / gap <= 0.2 + 1e-9, f"{k0:.3g}"))
+        delta = vtw - baseline
         found["c"].append((task, abs(delta) / BEST[metric] <= 0.02 + 1e-9, f"{delta:+.3g}"))
     claims = {
         "a": "(a) baseline far above chance",

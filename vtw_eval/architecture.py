@@ -1,0 +1,92 @@
+"""What the engine must be told about a model family: the adapter contract.
+
+Every backend adapter declares one ``Architecture`` (``VTWBackend.architecture``), and the tests
+build their engines from the same declarations; nothing here is guessed from a model at run time
+beyond reading its config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+DECODING_POSITIONS = ("count", "from_attention_mask")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# The config fields that hold the token ids of visual positions, in transformers' names.
+VISUAL_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What differs by model family, declared by its adapter.
+
+    - ``decoding_positions``: how the model numbers the tokens of a decoding step that comes
+      without position ids. ``"count"``: from the length of its layer-0 cache (LLaVA), which the
+      engine replaces by positions after the full prompt (that cache is reduced when K = 0);
+      ``"from_attention_mask"``: from the 2D attention mask, as multimodal rotary positions are
+      (Qwen2-VL, GLM-4.1V), which the engine then gives in full.
+    - ``injected_visual_features``: the language model's keyword, if any, carrying visual features
+      added at the visual positions after decoder layer i for its i-th entry (Qwen3-VL's DeepStack
+      ``deepstack_visual_embeds``).
+    - ``recurrent_layer_types``: the entries of ``config.layer_types`` that are recurrent layers
+      (Qwen3.5's Gated DeltaNet ``linear_attention``): a convolution and a recurrent state instead
+      of keys and values, and the 2D padding mask instead of a causal one.
+    - ``visual_token_fields``: the config fields naming the token ids whose positions hold visual
+      embeddings (image first, then video).
+    """
+
+    decoding_positions: str = "count"
+    injected_visual_features: str | None = None
+    recurrent_layer_types: tuple[str, ...] = ()
+    visual_token_fields: tuple[str, ...] = VISUAL_TOKEN_FIELDS
+
+    def __post_init__(self) -> None:
+        if self.decoding_positions not in DECODING_POSITIONS:
+            raise ValueError(f"decoding_positions={self.decoding_positions!r}; use one of {DECODING_POSITIONS}")
+
+    def visual_token_ids(self, config) -> list[int]:
+        """Token ids whose positions hold visual embeddings, in the order of the fields."""
+        ids = []
+        for name in self.visual_token_fields:
+            value = getattr(config, name, None)
+            if value is not None and value not in ids:
+                ids.append(int(value))
+        if not ids:
+            raise ValueError(f"{type(config).__name__} names no image or video token id; cannot find visual tokens.")
+        return ids
+
+    def layer_kinds(self, model: nn.Module) -> list[str]:
+        """Each decoder layer's type; a type neither an attention kind nor a declared recurrent
+        one is refused now, rather than masked as another kind later."""
+        config = language_model_of(model).config
+        kinds = layer_types(config)
+        for index, kind in enumerate(kinds):
+            if kind not in ATTENTION_LAYER_TYPES and kind not in self.recurrent_layer_types:
+                raise ValueError(
+                    f"decoder layer {index} of {type(model).__name__} is of type {kind!r}; VTW knows "
+                    f"{sorted(ATTENTION_LAYER_TYPES)} and the recurrent types its adapter declares: "
+                    f"{self.recurrent_layer_types}"
+                )
+        return kinds
+
+
+def layer_types(text_config) -> list[str]:
+    """Each decoder layer's entry in ``config.layer_types`` (``full_attention``,
+    ``sliding_attention``, ``linear_attention``, ...); a config without that list has every layer
+    slide when it names a sliding window (Mistral), else attend to everything."""
+    if getattr(text_config, "layer_types", None) is not None:
+        return list(text_config.layer_types)
+    kind = "sliding_attention" if getattr(text_config, "sliding_window", None) else "full_attention"
+    return [kind] * text_config.num_hidden_layers
+
+
+def language_model_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (the module with ``.layers`` and ``.norm``) of a transformers VLM."""
+    for path in ("model.language_model", "language_model", "model"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module
+    raise ValueError(f"Cannot find the language decoder layers of {type(model).__name__}.")
