@@ -10,10 +10,6 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-# The suite's smoke subset, for the interpreters CI does not run the whole suite on: engine
-# exactness, one lmms-eval CLI run, vtw-diff on real runs, the GPU check on CPU (a lent GPU
-# machine runs Python 3.12).
-SMOKE_TESTS := tests/test_engine.py tests/test_cli.py tests/test_diff.py tests/test_gpu_check.py
 
 .PHONY: install lock check-latest testbed-cache demo test smoke gpu-check gpu-wheels
 
@@ -64,8 +60,11 @@ demo: install testbed-cache
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
+# The suite's smoke subset (tests marked `smoke`), for the interpreters CI does not run the whole
+# suite on: engine exactness, where K is decided, one lmms-eval CLI run, vtw-diff on real runs,
+# the GPU check on CPU (a lent GPU machine runs Python 3.12).
 smoke: install
-	$(PY) -m pytest -q $(SMOKE_TESTS)
+	$(PY) -m pytest -q -m smoke
 
 # Every check that needs a GPU, in one run (scripts/gpu_check.py; docs/gpu-check.md). Without CUDA
 # it runs them on the CPU at a small size and says which it skipped.

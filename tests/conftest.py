@@ -12,10 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VTW_EVAL_CACHE", tempfile.mkdtemp(prefix="vtw_eval_cache_"))
 
 import pytest
-from tiny_models import build_tiny_llava
-from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-NUM_LAYERS = 4
+from tiny_models import NUM_LAYERS, build_tiny_llava, load_model
+from transformers import AutoProcessor
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +28,6 @@ def processor(tiny_llava_path):
     return processor
 
 
-def load_model(path, attn_implementation: str = "sdpa"):
-    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation).eval()
-
-
 @pytest.fixture(params=["sdpa", "eager"])
 def model(request, tiny_llava_path):
     return load_model(tiny_llava_path, request.param)
@@ -44,6 +38,13 @@ def model(request, tiny_llava_path):
 LONGEST_FIRST = (
     "test_testbed.py", "test_per_task.py", "test_distributed.py", "test_lmms_eval_parity.py", "test_gpu_check.py"
 )  # fmt: skip
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cli: runs lmms-eval's command line (tens of seconds each); -m 'not cli' skips them"
+    )
+    config.addinivalue_line("markers", "smoke: the subset `make smoke` runs on the other Python versions")
 
 
 def pytest_collection_modifyitems(items):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_LAYERS
 from reference import reference_vtw_logits, visual_ids
 from tiny_models import (
     BUILDERS,
+    NUM_LAYERS,
     build_tiny_gemma3,
     build_tiny_llava,
     build_tiny_qwen2_vl,

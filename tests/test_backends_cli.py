@@ -41,6 +41,7 @@ BACKENDS = {
 }
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_backend_cli_run_with_calibration_and_accounting(backend, tmp_path):
     path = BACKENDS[backend](tmp_path / "model")

@@ -8,9 +8,8 @@ import re
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, load_model
 from reference import reference_vtw_logits
-from tiny_models import encode
+from tiny_models import NUM_LAYERS, encode, load_model
 from tolerances import REORDERED, SAME_ARITHMETIC, kl_tolerance
 from transformers import LlavaForConditionalGeneration
 
@@ -267,6 +266,7 @@ def test_identity_ignores_dtype_and_path(tiny_llava_path, tmp_path):
     assert model_identity(changed, "x")["weights_fingerprint"] != here["weights_fingerprint"]
 
 
+@pytest.mark.cli
 def test_cli_calibration_then_auto(tiny_llava_path, tmp_path):
     calibration_dir = tmp_path / "calibration"
     common = f"pretrained={tiny_llava_path},device=cpu,calibration_dir={calibration_dir}"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import load_model
 from datasets import load_from_disk
 from lmms_eval.tasks.mme.utils import mme_doc_to_text
+from tiny_models import load_model
 
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
+
+pytestmark = [pytest.mark.cli, pytest.mark.smoke]
 
 POST_PROMPT = "\nAnswer the question using a single word or phrase."  # vtw_tiny_mme.yaml's
 

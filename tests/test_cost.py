@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import NUM_LAYERS
-from test_backend import backend, generation_requests
+from backend_requests import backend, generation_requests
+from tiny_models import NUM_LAYERS
 from transformers import LlavaConfig, Qwen2Config
 
 from vtw_eval.accounting import image_token_runs
@@ -138,6 +138,7 @@ def test_recorded_figures_equal_the_real_cache(tiny_llava_path, tmp_path, withdr
     assert record["prefill_flops_whole_model_vtw"] == whole.prefill_flops(record["prompt_tokens"], [16, 16], layer)
 
 
+@pytest.mark.cli
 def test_results_json_holds_the_aggregates(tiny_llava_path, tmp_path):
     from vtw_eval.diff import efficiency_rows
     from vtw_eval.results import LMMS_EVAL_KEYS, THROUGHPUT_KEYS, load_run
@@ -194,8 +195,7 @@ def test_whole_model_terms_by_hand(tiny_llava_path):
 def test_whole_model_flops_equal_torchs_flop_counter(tiny_llava_path, withdraw_layer):
     """The whole prefill forward as generate runs it (logits_to_keep=1), counted by PyTorch: the
     counter sees every matrix product (convolution, linear layers, attention), as the model does."""
-    from conftest import load_model
-    from tiny_models import encode, withdrawal
+    from tiny_models import encode, load_model, withdrawal
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoProcessor
 

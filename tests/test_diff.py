@@ -11,6 +11,8 @@ import pytest
 from vtw_eval.diff import main
 from vtw_eval.run import run_lmms_eval
 
+pytestmark = pytest.mark.smoke
+
 
 @pytest.fixture(scope="module")
 def real_runs(tiny_llava_path, tmp_path_factory):
@@ -45,6 +47,7 @@ def results_file(path, results, higher_is_better=None, **extra):
     return path
 
 
+@pytest.mark.cli
 def test_real_runs_json_deltas_and_samples(real_runs, capsys):
     code, out, _ = run_diff(
         capsys, real_runs["baseline"].parent.parent, real_runs["k1"], "--format", "json", "--samples"
@@ -78,6 +81,7 @@ def test_real_runs_json_deltas_and_samples(real_runs, capsys):
     assert efficiency["withdraw_layer/vtw_tiny_mme"]["values"] == [4, 1]
 
 
+@pytest.mark.cli
 def test_csv_parses_back_and_markdown_renders(real_runs, capsys):
     code, out, _ = run_diff(capsys, real_runs["baseline"], real_runs["k1"], "--format", "csv", "--labels", "base,vtw")
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -192,6 +196,7 @@ def test_same_file_twice_and_samples_without_files(tmp_path, capsys):
     assert code == 0 and "no samples files to compare" in err
 
 
+@pytest.mark.cli
 def test_a_run_on_fewer_docs_is_named_and_fails_the_gate(real_runs, capsys):
     """A candidate run with --limit: the header says so, and the gate calls it a drop even where
     its scores on those docs are no worse."""

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vtw_eval.run import run_lmms_eval
+
+pytestmark = pytest.mark.cli
 
 
 def answers(results_file, task):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, load_model
 from reference import reference_vtw_logits
-from tiny_models import encode
+from tiny_models import NUM_LAYERS, encode, load_model
 from tolerances import GUARD, REORDERED, SAME_ARITHMETIC, assert_close
 
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in, plan_withdrawal
+
+pytestmark = pytest.mark.smoke
 
 QUESTION = "Is there a red square in the image ?"
 

@@ -10,13 +10,14 @@ import subprocess
 import sys
 
 import pytest
+from backend_requests import backend, generation_requests, request
 from PIL import Image
-from test_backend import backend, generation_requests, request
 
 from vtw_eval.files import write_atomically
 from vtw_eval.run import run_lmms_eval
 
 
+@pytest.mark.cli
 def test_cli_bad_withdraw_layer(tiny_llava_path, tmp_path):
     model_args = f"pretrained={tiny_llava_path},withdraw_layer=99,device=cpu,calibration_dir={tmp_path}/none"
     with pytest.raises(RuntimeError, match="lmms-eval failed"):
@@ -128,6 +129,7 @@ def test_signal_during_writing_never_leaves_a_half_written_file(tmp_path, signal
         ("", [], {"VTW_CALIBRATION_DOCS": "0"}, "VTW_CALIBRATION_DOCS='0' is not accepted; use a positive integer"),
     ],
 )
+@pytest.mark.cli
 def test_cli_bad_arguments_name_themselves(tiny_llava_path, tmp_path, model_args, options, environment, message):
     """Through the CLI: the run fails, the log names the argument and what is accepted, nothing is written."""
     if "device=" not in model_args:
@@ -164,7 +166,7 @@ def test_bad_arguments_as_lmms_eval_passes_them(tiny_llava_path, tmp_path, model
 
 
 def test_a_calibration_file_of_another_layer_count_names_the_field(tiny_llava_path, tmp_path):
-    from conftest import load_model
+    from tiny_models import load_model
 
     from vtw_eval.backends.llava import VTWLlava
     from vtw_eval.calibration import summarise
@@ -182,6 +184,7 @@ def test_a_calibration_file_of_another_layer_count_names_the_field(tiny_llava_pa
     assert "--tasks vtw_calibration --include_path" in message  # the command that makes the right one
 
 
+@pytest.mark.cli
 def test_lmms_eval_plugins_variable_fails_with_our_message(tiny_llava_path, tmp_path):
     """lmms-eval imports `<plugin>.models` for LMMS_EVAL_PLUGINS; ours says what to do instead."""
     log = tmp_path / "out" / "lmms_eval.log"

@@ -13,6 +13,8 @@ import torch
 
 from vtw_eval.run import REPO_ROOT
 
+pytestmark = pytest.mark.smoke
+
 
 @pytest.fixture(scope="module")
 def gpu_check():
@@ -28,6 +30,7 @@ def gpu_check():
 FAMILIES = ["llava", "gemma3", "qwen3_5"]
 
 
+@pytest.mark.cli
 def test_the_whole_check_runs_on_cpu(tmp_path, gpu_check):
     """One answer of the committed file changed: that check, and only that one, fails (exit 1)."""
     committed = json.loads(gpu_check.ANSWERS_FILE.read_text())

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NUM_LAYERS
 from reference import reference_vtw_logits, unmodified_forward, visual_ids
-from tiny_models import BUILDERS, build_tiny_llava, encode, with_tokens, withdrawal
+from tiny_models import BUILDERS, NUM_LAYERS, build_tiny_llava, encode, with_tokens, withdrawal
 from tolerances import GUARD, SAME_ARITHMETIC, assert_close, reordering_ulps
 from transformers import AutoModelForImageTextToText, AutoProcessor
 

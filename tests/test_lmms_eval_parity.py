@@ -15,6 +15,8 @@ from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl
 
 from vtw_eval.run import run_lmms_eval
 
+pytestmark = pytest.mark.cli
+
 FAMILIES = {
     # lmms-eval backend: (VTW backend, tiny checkpoint, model_args both take)
     "qwen3_vl": ("vtw_qwen3_vl", lambda path: build_tiny_qwen3(path, "qwen3_vl"), ""),

@@ -7,11 +7,11 @@ import json
 import shutil
 
 import pytest
-from conftest import NUM_LAYERS
+from tiny_models import NUM_LAYERS
 
 from vtw_eval import diff
-from vtw_eval.results import load_run
 from vtw_eval.calibration import choose_withdraw_layer
+from vtw_eval.results import load_run
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 
 # The tiny MME questions without their images: a task whose KL is 0 at every layer, so its own K
@@ -54,6 +54,7 @@ def answers(out, task):
     return {json.loads(s)["doc_id"]: json.loads(s)["filtered_resps"] for s in samples}
 
 
+@pytest.mark.cli
 def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_path, task_dir):
     results, calibration, records, log = run(tiny_llava_path, tmp_path / "first", task_dir)
     entries = calibration["per_task"]
@@ -116,6 +117,7 @@ def test_each_task_at_its_own_k_reused_then_recalibrated(tiny_llava_path, tmp_pa
     assert changed["per_task"]["vtw_tiny_mme"]["mean_kl"] != entries["vtw_tiny_mme"]["mean_kl"]
 
 
+@pytest.mark.cli
 def test_without_calibrate_per_task_auto_uses_a_tasks_entry_else_the_global_k(tiny_llava_path, tmp_path, task_dir):
     calibration_dir = tmp_path / "calibration"
     common = f"pretrained={tiny_llava_path},device=cpu,calibration_dir={calibration_dir}"
@@ -175,7 +177,7 @@ def test_a_calibration_file_of_another_model_is_never_written_over(tiny_llava_pa
 
 
 def test_a_failing_calibration_prompt_names_the_task_and_doc(tiny_llava_path, tmp_path):
-    from test_backend import docs, request
+    from backend_requests import docs, request
 
     from vtw_eval.backends.llava import VTWLlava
 

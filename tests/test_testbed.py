@@ -131,6 +131,7 @@ def task_manager():
     return TaskManager(verbosity="ERROR")  # indexing every built-in YAML takes about 10 s
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("folder", sorted(TASKS))
 def test_built_in_task_names_answer_as_the_engine_does(built_in_run, task_manager, folder):
     results_file, _, _ = built_in_run
@@ -164,6 +165,7 @@ def test_built_in_task_names_answer_as_the_engine_does(built_in_run, task_manage
         assert answers[doc_id] == answer.strip(), (name, doc_id)
 
 
+@pytest.mark.cli
 def test_built_in_runs_write_only_into_the_private_cache(built_in_run, hf_home):
     _, before, after = built_in_run
     assert before == after  # the user's own datasets cache is untouched
@@ -214,18 +216,22 @@ def demo_claims(tmp_path_factory, hf_home) -> dict[str, bool]:
     return {claim["claim"][1]: claim["met"] for claim in record["claims"]}
 
 
+@pytest.mark.cli
 def test_demo_near_chance_at_k0(demo_claims):
     assert demo_claims["b"]
 
 
+@pytest.mark.cli
 def test_demo_baseline_far_above_chance(demo_claims):
     assert demo_claims["a"]
 
 
+@pytest.mark.cli
 def test_demo_vtw_at_calibrated_k_within_2_points(demo_claims):
     assert demo_claims["c"]
 
 
+@pytest.mark.cli
 def test_installed_wheel_runs_the_calibration_group_from_anywhere(hf_home, tmp_path):
     """A wheel of the checkout, installed without dependencies (not editable) into a folder of its
     own, runs `--tasks vtw_calibration` from a folder outside the checkout."""
@@ -257,6 +263,7 @@ def test_installed_wheel_runs_the_calibration_group_from_anywhere(hf_home, tmp_p
     assert len(list((tmp_path / "cal").glob("*.json"))) == 1
 
 
+@pytest.mark.cli
 def test_the_documented_commands_run_on_the_testbed(hf_home, tmp_path):
     """docs/testbed.md's block of README commands, run as written (private cache and output folder)."""
     import re

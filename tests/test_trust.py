@@ -11,8 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, load_model
-from tiny_models import build_tiny_llava
+from tiny_models import NUM_LAYERS, build_tiny_llava, load_model
 
 from vtw_eval.backends.llava import VTWLlava
 from vtw_eval.calibration import summarise, task_entry
@@ -62,6 +61,7 @@ def per_task_run(model_path, out, calibration, extra: str = "", *options: str):
     return json.loads(results.read_text()), entry, (out / "lmms_eval.log").read_text()
 
 
+@pytest.mark.cli
 def test_1_an_edited_k_is_refused(tiny_llava_path, tmp_path):
     path = global_file(tiny_llava_path, tmp_path / "cal.json")
     record = json.loads(path.read_text())
@@ -80,6 +80,7 @@ def test_1_an_edited_k_is_refused(tiny_llava_path, tmp_path):
     assert path.read_bytes() == before
 
 
+@pytest.mark.cli
 def test_2_two_checkpoints_in_folders_of_one_name_never_share_a_file(tiny_llava_path, tmp_path):
     """A fine-tune saved as .../model beside another .../model: same config, other weights."""
     first = shutil.copytree(tiny_llava_path, tmp_path / "a" / "model")
@@ -110,6 +111,7 @@ def test_2_two_checkpoints_in_folders_of_one_name_never_share_a_file(tiny_llava_
     assert first_file.read_bytes() == first_bytes
 
 
+@pytest.mark.cli
 def test_3_a_model_whose_interior_weights_differ_is_another_model(tiny_llava_path, tmp_path):
     path = global_file(tiny_llava_path, tmp_path / "cal.json")
     changed_path = tmp_path / "changed"
@@ -124,6 +126,7 @@ def test_3_a_model_whose_interior_weights_differ_is_another_model(tiny_llava_pat
     assert f"calibration file {path} was measured on another model" in log and "weights_fingerprint" in log
 
 
+@pytest.mark.cli
 def test_4_a_smoke_test_calibration_is_not_reused_by_a_full_run(tiny_llava_path, tmp_path):
     calibration = global_file(tiny_llava_path, tmp_path / "cal.json")  # a global K too, for runs without per-task
     _, smoke, _ = per_task_run(
@@ -145,6 +148,7 @@ def test_4_a_smoke_test_calibration_is_not_reused_by_a_full_run(tiny_llava_path,
     assert stale_reason(full, 20, 8) == "it was made when the task had 16 docs; it has 20 now"
 
 
+@pytest.mark.cli
 def test_5_a_bad_per_task_entry_is_refused_then_replaced_by_the_printed_command(tiny_llava_path, tmp_path):
     path = global_file(tiny_llava_path, tmp_path / "cal.json")
     identity = model_identity(load_model(tiny_llava_path), str(tiny_llava_path))
@@ -175,6 +179,7 @@ def test_6_a_file_without_dtype_is_refused_naming_the_field(tiny_llava_path, tmp
         VTWLlava(pretrained=str(tiny_llava_path), device="cpu", withdraw_layer="auto", calibration=str(path))
 
 
+@pytest.mark.cli
 def test_7_what_will_be_written_is_checked_before_any_work(tiny_llava_path, tmp_path):
     # A calibration path that is a directory: refused at load (per-task) or before the first
     # calibration prompt (the calibration group); no PNG left anywhere.
@@ -256,6 +261,7 @@ def test_9_vtw_diff_labels_cannot_hide_a_value_and_unknown_directions_are_listed
         ("withdraw_layer=4,withdraw_layer=none", "withdraw_layer is given twice in --model_args (4 and 'none')"),
     ],
 )
+@pytest.mark.cli
 def test_10_arguments_through_the_cli(tiny_llava_path, tmp_path, model_args, message):
     log = fails(f"pretrained={tiny_llava_path},device=cpu,{model_args}", tmp_path / "out")
     assert message in log

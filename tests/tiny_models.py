@@ -24,6 +24,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from vtw_eval.backends.visuals import per_row
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.registry import BACKENDS
 from vtw_eval.small_llava import (
@@ -33,6 +34,13 @@ from vtw_eval.small_llava import (
     tiny_text_config,
     tiny_vision_config,
 )
+
+NUM_LAYERS = 4  # of the tiny LLaVA the suite shares (conftest.tiny_llava_path)
+
+
+def load_model(path, attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
+    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation).eval()
+
 
 # Qwen2-VL's chat format (one image or video part becomes vision_start, pads, vision_end).
 QWEN_CHAT_TEMPLATE = (
@@ -509,9 +517,5 @@ def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, si
         for _ in range(count)
     ]
     if type(processor).__name__.startswith("Gemma3") and images:  # it takes each row's images as a list
-        rows, start = [], 0
-        for _, count in texts_and_counts:
-            rows.append(images[start : start + count])
-            start += count
-        images = rows
+        images = per_row(images, [count for _, count in texts_and_counts])
     return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))

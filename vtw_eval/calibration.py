@@ -21,7 +21,7 @@ import datetime
 
 import torch
 
-from vtw_eval.engine import VisualTokenWithdrawal, plan_withdrawal
+from vtw_eval.engine import KeptRotary, VisualTokenWithdrawal, plan_withdrawal
 
 DEFAULT_KL_THRESHOLD = 0.003
 
@@ -98,19 +98,17 @@ def every_layer_last_hidden(
             capture.remove()
         withdrawal.withdraw_layer = saved
     plan = plan_withdrawal(inputs["input_ids"], inputs.get("attention_mask"), withdrawal.visual_token_ids)
-    kept = {}  # per rotary embedding: the kept positions' cos and sin
+    kept_rotary = KeptRotary(plan)
     hidden = None
     for index, layer in enumerate(language_model.layers):
         candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
         hidden = candidate if hidden is None else torch.cat([hidden, candidate.to(hidden.device)], dim=0)
         copies = index + 1
-        cos, sin = layer_kwargs[index]["position_embeddings"]
-        if id(cos) not in kept:
-            kept[id(cos)] = (plan.gather(cos), plan.gather(sin))
-        cos, sin = kept[id(cos)]
-        position_ids = layer_kwargs[index].get("position_ids")
+        cos, sin, position_ids = kept_rotary(
+            layer_kwargs[index]["position_embeddings"], layer_kwargs[index].get("position_ids")
+        )
         if position_ids is not None:
-            position_ids = tile_batch(plan.gather(position_ids[..., None])[..., 0], copies, 1)
+            position_ids = tile_batch(position_ids, copies, 1)
         mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
         slot_positions = tile_batch(plan.kept_positions.to(hidden.device), copies, 1)
         hidden = layer(

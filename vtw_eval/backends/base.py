@@ -16,7 +16,6 @@ Where K is decided is ``vtw_eval.withdraw_layer_choice``; the withdrawal itself 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoConfig, AutoProcessor, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from vtw_eval.accounting import (
     CallTimer,
@@ -39,17 +38,18 @@ from vtw_eval.accounting import (
 )
 from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
+from vtw_eval.backends.calibrating import calibration_answers, task_kl
 from vtw_eval.backends.generation import StopAtStrings, generation_settings, prompt_lengths, tokens_to_first_eos
+from vtw_eval.backends.loading import load_model_and_processor
 from vtw_eval.backends.processes import Processes
 from vtw_eval.backends.requests import Request
 from vtw_eval.backends.visuals import VIDEO_EXTENSIONS, Visual
-from vtw_eval.calibration import layer_kl_divergences, with_greedy_answer
 from vtw_eval.calibration_file import calibration_file_stem, checkpoint_folder, model_identity
 from vtw_eval.cost import DecoderGeometry
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.files import cache_dir, check_writable
 from vtw_eval.registry import BACKENDS
-from vtw_eval.withdraw_layer_choice import CalibrationSettings, CalibrationTarget, MeasureTask, WithdrawLayerChoice
+from vtw_eval.withdraw_layer_choice import CalibrationSettings, CalibrationTarget, WithdrawLayerChoice
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -101,9 +101,11 @@ class VTWBackend(lmms):
             self.processes.rank,
             self.processes.world_size,
         )
-        self._device = self.processes.device(device, device_map)
-        dtype = arguments.one_of("dtype", dtype, DTYPES)
-        self._load(pretrained, revision, dtype, trust_remote_code, attn_implementation, device_map)
+        self._model, self.processor, self._device = load_model_and_processor(
+            type(self).__name__, self.model_classes, pretrained, self.processes.device(device, device_map), revision,
+            arguments.one_of("dtype", dtype, DTYPES), trust_remote_code, attn_implementation, device_map,
+        )  # fmt: skip
+        self.tokenizer = self.processor.tokenizer
         self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture)
         self.geometry = DecoderGeometry.from_config(self._model.config)
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
@@ -134,37 +136,6 @@ class VTWBackend(lmms):
         return cls(**model_args, **extra)
 
     # -- setting up ------------------------------------------------------------------------
-
-    def _load(self, pretrained, revision, dtype, trust_remote_code, attn_implementation, device_map) -> None:
-        """The model (of a class this adapter serves) and its processor, left-padding batches."""
-        if not Path(pretrained).expanduser().is_dir() and (
-            pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
-        ):
-            raise ValueError(
-                f"pretrained={pretrained!r} is not accepted: no such directory, and not a hub id (org/name)"
-            )
-        config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-        model_class = self.model_classes.get(config.model_type)
-        if model_class is None:
-            raise ValueError(
-                f"pretrained={pretrained!r} is a {config.model_type!r} model; "
-                f"{type(self).__name__} serves {sorted(self.model_classes)}"
-            )
-        load_kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
-        if attn_implementation is not None:
-            load_kwargs["attn_implementation"] = attn_implementation
-        if device_map:  # e.g. "auto": one process, the model split over several devices
-            load_kwargs["device_map"] = device_map
-        self._model = model_class.from_pretrained(pretrained, **load_kwargs).eval()
-        if device_map:
-            self._device = self._model.device  # where inputs go: the first layer's device
-        else:
-            self._model.to(self._device)
-        self.processor = AutoProcessor.from_pretrained(
-            pretrained, revision=revision, trust_remote_code=trust_remote_code
-        )
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"  # batched generation continues every row at the right end
 
     def backend_name(self) -> str:
         """The ``--model`` name this class is registered under."""
@@ -288,16 +259,16 @@ class VTWBackend(lmms):
                     f"{limit} positions (max_position_embeddings)"
                 )
 
-    def _visual_counts(self, inputs: dict[str, torch.Tensor]) -> list[int]:
+    def visual_counts(self, inputs: dict[str, torch.Tensor]) -> list[int]:
         input_ids = inputs["input_ids"]
         visual_ids = torch.tensor(self.withdrawal.visual_token_ids, device=input_ids.device)
         return torch.isin(input_ids, visual_ids).sum(1).tolist()
 
-    def _removed_counts(self, inputs: dict[str, torch.Tensor]) -> list[int]:
+    def removed_counts(self, inputs: dict[str, torch.Tensor]) -> list[int]:
         """What each row of the last forward withdrew (with nothing withdrawn, its visual tokens:
         what withdrawal at K would remove, for the baseline's figures)."""
         plan = self.withdrawal.plan
-        return self._visual_counts(inputs) if plan is None else plan.num_removed.tolist()
+        return self.visual_counts(inputs) if plan is None else plan.num_removed.tolist()
 
     # -- lmms-eval's request types over one batching loop ------------------------------------
 
@@ -367,7 +338,7 @@ class VTWBackend(lmms):
         for request in requests:
             docs = len(self.task_dict[request.task][request.split])
             docs_here.setdefault(request.task, (set(), docs))[0].add(request.doc_id)
-        return self.withdraw_layers.for_tasks(docs_here, self._task_kl(requests))
+        return self.withdraw_layers.for_tasks(docs_here, task_kl(self, requests))
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -375,7 +346,7 @@ class VTWBackend(lmms):
         gen_kwargs = chunk[0].gen_kwargs
         inputs = self.batch_inputs(chunk)
         if gen_kwargs.get("vtw_calibration"):
-            texts = self._calibration_answers(inputs, [request.task for request in chunk])
+            texts = calibration_answers(self, inputs, [request.task for request in chunk])
         else:
             texts = self._generate(inputs, gen_kwargs, [request.key for request in chunk], accounting)
         for request, text in zip(chunk, texts):
@@ -407,8 +378,8 @@ class VTWBackend(lmms):
             texts = [text.split(stop_string)[0] if stop_string else text for text in texts]
         # Per request: its own prompt tokens (no padding), visual tokens, what it withdrew, generated tokens.
         accounting.add_batch(
-            doc_ids, prompt_lengths(inputs), self._visual_counts(inputs), generated, self.withdrawal.withdraw_layer,
-            timer, image_token_runs(input_ids, self.withdrawal.visual_token_ids[0]), self._removed_counts(inputs),
+            doc_ids, prompt_lengths(inputs), self.visual_counts(inputs), generated, self.withdrawal.withdraw_layer,
+            timer, image_token_runs(input_ids, self.withdrawal.visual_token_ids[0]), self.removed_counts(inputs),
         )  # fmt: skip
         return [self.finish_answer(text) for text in texts]
 
@@ -432,7 +403,7 @@ class VTWBackend(lmms):
         inputs = self.encode(texts, visuals)
         logits = self._forward(inputs)
         k = self.withdrawal.withdraw_layer
-        for request, length, removed in zip(chunk, prompt_lengths(inputs), self._removed_counts(inputs)):
+        for request, length, removed in zip(chunk, prompt_lengths(inputs), self.removed_counts(inputs)):
             prefill_flops[request.task] = prefill_flops.get(request.task, 0) + self.geometry.prefill_flops(
                 length, removed, k
             )
@@ -445,50 +416,3 @@ class VTWBackend(lmms):
             log_likelihood = log_probs.gather(1, targets[:, None]).sum().item()
             results.append((log_likelihood, bool((log_probs.argmax(dim=-1) == targets).all())))
         return results
-
-    # -- calibration: the per-layer KL of prompts ------------------------------------------
-
-    def _calibration_answers(self, inputs: dict[str, torch.Tensor], tasks: list[str]) -> list[str]:
-        """A vtw_calibration request's answer: this prompt's KL per candidate layer, as JSON."""
-        settings = self.withdraw_layers.settings
-        extended, counted = with_greedy_answer(self.withdrawal, inputs, settings.kl_tokens, self.eot_token_id)
-        kl = layer_kl_divergences(self.withdrawal, extended, counted)
-        sample = {
-            **self.identity,
-            "kl_threshold": settings.kl_threshold,
-            "kl_tokens": settings.kl_tokens,
-            "calibration_file": str(self.calibration_file),
-        }
-        return [json.dumps({"subset": task, "kl": row.tolist(), **sample}) for task, row in zip(tasks, kl)]
-
-    def _task_kl(self, requests: list[Request]) -> MeasureTask:
-        """How a task's K is measured on chosen docs of these requests (one request per doc: a
-        multiple-choice doc has one per choice, with the same prompt): KL rows and decoder FLOPs."""
-
-        def measure(task: str, chosen: set) -> tuple[list[tuple[int, list[float]]], int]:
-            by_doc = {}
-            for request in requests:
-                if request.task == task and request.doc_id in chosen:
-                    by_doc.setdefault(request.doc_id, request)
-            mine = [by_doc[doc] for doc in sorted(by_doc)]
-            rows, flops, kl_tokens = [], 0, self.withdraw_layers.settings.kl_tokens
-            progress = tqdm(total=len(mine), disable=self.rank != 0, desc=f"VTW calibrating {task}")
-            for start in range(0, len(mine), self.batch_size):
-                chunk = mine[start : start + self.batch_size]
-                try:
-                    inputs = self.batch_inputs(chunk)
-                    extended, counted = with_greedy_answer(self.withdrawal, inputs, kl_tokens, self.eot_token_id)
-                    kl = layer_kl_divergences(self.withdrawal, extended, counted)
-                except Exception as error:
-                    doc_ids = [request.doc_id for request in chunk]
-                    raise RuntimeError(
-                        f"VTW calibration of task {task} failed for doc_ids {doc_ids}: {error}"
-                    ) from error
-                rows += [(request.doc_id, row.tolist()) for request, row in zip(chunk, kl)]
-                for length, num_visual in zip(prompt_lengths(inputs), self._visual_counts(inputs)):
-                    flops += self.geometry.calibration_flops(length, num_visual, counted.shape[1] - 1)
-                progress.update(len(chunk))
-            progress.close()
-            return rows, flops
-
-        return measure

@@ -24,7 +24,7 @@ from transformers import Gemma3ForConditionalGeneration
 
 from vtw_eval.backends import arguments
 from vtw_eval.backends.base import VTWBackend
-from vtw_eval.backends.visuals import Visual, jpeg_data_url
+from vtw_eval.backends.visuals import Visual, jpeg_data_url, per_row
 
 
 class VTWGemma3(VTWBackend):
@@ -83,15 +83,10 @@ class VTWGemma3(VTWBackend):
         # The processor decodes the data URLs itself, as it does for lmms-eval's chat-template call
         # (its JPEG decoder is not PIL's: decoding here would change pixels).
         as_sent = [jpeg_data_url(image) for image in images]
-        boi = self.processor.boi_token
-        rows, start = [], 0
-        for prompt in prompts:  # the processor takes each row's images as a list of their own
-            count = prompt.count(boi)
-            rows.append(as_sent[start : start + count])
-            start += count
+        counts = [prompt.count(self.processor.boi_token) for prompt in prompts]
         inputs = self.processor(
             text=prompts,
-            images=rows if as_sent else None,
+            images=per_row(as_sent, counts) if as_sent else None,
             padding=True,
             pad_to_multiple_of=8,
             add_special_tokens=self.adds_special_tokens(prompts),

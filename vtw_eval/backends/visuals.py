@@ -28,6 +28,16 @@ def video_length(path: str) -> int:
         raise
 
 
+def per_row(items: list, counts: list[int]) -> list[list]:
+    """A batch's visuals, listed in order, split into each row's own list (``counts`` per row),
+    as processors that take a list of images per row want them (Gemma 3)."""
+    rows, start = [], 0
+    for count in counts:
+        rows.append(items[start : start + count])
+        start += count
+    return rows
+
+
 def jpeg_data_url(image: Image.Image) -> str:
     """An image as lmms-eval's chat-template backends send it (gemma3, glm4v): a JPEG data URL,
     quality 85, which the processor decodes again (so the pixels are JPEG's)."""
