@@ -156,7 +156,8 @@ class KeepSelector(Protocol):
     """Which prompt positions stay when withdrawal is not VTW's (all visual positions go): called
     at the first withdrawn layer of a prefill with the batch's visual mask and 2D attention mask
     (batch, prompt_length) and that layer's input hidden states; returns a (batch, prompt_length)
-    bool keep mask, True at every position that stays (the text positions at least)."""
+    bool keep mask, True at every position that stays: any subset, in order, that keeps the last
+    prompt position (the next token is predicted from it)."""
 
     def __call__(
         self, visual_mask: torch.Tensor, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor
@@ -318,21 +319,23 @@ class VisualTokenWithdrawal:
             late = layer_index - self._withdraw_layer if self.active else -1
             if self.plan is None or not self._prefill or not 0 <= late < len(self._late_features):
                 return None
-            plan, features = self.plan, self._late_features[late]
             hidden = output[0] if isinstance(output, tuple) else output
-            # The features are one row per visual token of the batch, in row-major order.
-            visual = plan.visual_mask.to(hidden.device)
-            index = (visual.flatten().cumsum(0) - 1).view_as(visual).gather(1, plan.kept_positions.to(hidden.device))
-            kept_visual = visual.gather(1, plan.kept_positions.to(hidden.device)) & plan.kept_attention_mask.to(
-                hidden.device
-            )
-            if not kept_visual.any():
+            slots, rows = self._kept_visual_rows(hidden.device)
+            if not slots.any():  # VTW: no visual position left
                 return None
             hidden = hidden.clone()
-            hidden[kept_visual] = hidden[kept_visual] + features.to(hidden.device, hidden.dtype)[index[kept_visual]]
+            hidden[slots] += self._late_features[late].to(hidden.device, hidden.dtype)[rows]
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
+
+    def _kept_visual_rows(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots of the reduced sequence that hold a kept visual token, and each one's row among
+        the batch's visual tokens (row-major, as injected features list them)."""
+        visual, kept = self.plan.visual_mask.to(device), self.plan.kept_positions.to(device)
+        rank = (visual.flatten().cumsum(0) - 1).view_as(visual)
+        slots = visual.gather(1, kept) & self.plan.kept_attention_mask.to(device)
+        return slots, rank.gather(1, kept)[slots]
 
     # -- the layer-level hooks ---------------------------------------------------------------
 
@@ -349,8 +352,9 @@ class VisualTokenWithdrawal:
         if self._prefill:
             if layer_index == self._withdraw_layer:
                 if self.keep_selector is not None:  # decided now, from what the layers before saw
-                    keep = self.keep_selector(self._visual_mask, self._prompt_mask, hidden).to(torch.bool)
-                    self._set_plan(plan_from_keep_mask(keep.to(hidden.device), self._prompt_mask, self._visual_mask))
+                    keep = self.keep_selector(self._visual_mask, self._prompt_mask, hidden)
+                    keep = keep.to(self._visual_mask.device, torch.bool)  # where the prompt is, as VTW's plan
+                    self._set_plan(plan_from_keep_mask(keep, self._prompt_mask, self._visual_mask))
                 hidden = self.plan.gather(hidden)
             cos, sin, position_ids = self._kept_rotary(kwargs["position_embeddings"], kwargs.get("position_ids"))
             kwargs["position_embeddings"] = (cos, sin)
