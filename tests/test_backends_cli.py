@@ -223,6 +223,11 @@ def video_backend(family: str, path, **kwargs):
     if family == "qwen3_vl":  # a small pixel budget per frame, for the suite's time
         model = build_tiny_qwen3(path, "qwen3_vl")
         return VTWQwen3VL(pretrained=str(model), device="cpu", min_pixels=2 * 32 * 32, max_pixels=64 * 64, **kwargs)
+    if family == "qwen3_5":  # its defaults: a whole-video pixel budget (total_pixels), frames at most 768
+        from vtw_eval.backends.qwen3_5 import VTWQwen3_5
+
+        model = build_tiny_qwen3(path, "qwen3_5")
+        return VTWQwen3_5(pretrained=str(model), device="cpu", enable_thinking=False, **kwargs)
     return VTWGemma3(pretrained=str(build_tiny_gemma3(path)), device="cpu", **kwargs)
 
 
@@ -231,26 +236,31 @@ def video_request(video: str, doc_id: int = 0) -> Instance:
     return Instance("generate_until", arguments, idx=0, metadata={"task": "video", "doc_id": doc_id, "repeats": 1})
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
 def test_a_video_shorter_than_max_num_frames_runs(tmp_path, family):
-    """7 frames under the default 32: every frame once (Qwen3-VL: 6, the even count its video
-    input takes), where lmms-eval's chat qwen3_vl stops the run."""
+    """7 frames under the default 32 (Qwen3.5: 768): every frame once (Qwen3-VL: 6, the even count
+    its video input takes), where lmms-eval's chat qwen3_vl stops the run."""
     video = write_video(tmp_path / "clip.mp4", frames=7)
     lm = video_backend(family, tmp_path / "model", withdraw_layer=1)
-    assert lm.max_num_frames == 32 if family != "qwen3_vl" else lm.video_kwargs["nframes"] == 32
     lm.task_dict = {"video": {"test": [{"video": video}]}}
     (answer,) = lm.generate_until([video_request(video)])
     assert isinstance(answer, str)
-    if family == "qwen3_vl":
+    if family == "qwen3_5":  # qwen_vl_utils samples at 2 fps within the video's length: at most 6 frames
+        assert lm.video_kwargs["max_frames"] == 768 and "nframes" not in lm.video_kwargs
+        inputs = lm.batch_inputs([Request.of(video_request(video))])
+        assert 1 <= inputs["video_grid_thw"][0, 0].item() <= 3
+    elif family == "qwen3_vl":
+        assert lm.video_kwargs["nframes"] == 32
         assert lm._video_element(video)["nframes"] == 6
         inputs = lm.batch_inputs([Request.of(video_request(video))])
         assert inputs["video_grid_thw"][0, 0].item() == 3  # 6 frames, paired by the temporal patch
     else:
+        assert lm.max_num_frames == 32
         frames = lm.video_frames(video)
         assert len(frames) == 7 and all((a != b).any() for a, b in zip(frames, frames[1:]))  # none twice
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
 def test_an_unreadable_video_names_the_doc_the_path_and_the_cause(tmp_path, family):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
