@@ -24,6 +24,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.architecture import Architecture, layer_types
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in
+from vtw_eval.methods import RandomVisualSubset
 
 QUESTION = "Is there a red square in the image ?"
 
@@ -247,3 +248,49 @@ def test_sliding_window_counts_original_positions(tmp_path, family):
         vtw = withdrawal(model, layer)
         assert_close(model(**inputs).logits, by_position, SAME_ARITHMETIC)
         vtw.remove()
+
+
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
+def test_random_subsets_match_the_reference(tiny, keep_ratio):
+    """method=random on every family: each row keeps its seeded share of visual tokens from
+    prune_layer on; the engine equals the reference withdrawing that subset, a batch with 0, 1 and
+    2 images equals one by one, and cached decoding equals recomputing."""
+    _, path, processor = tiny
+    model = load(path)
+    selector = RandomVisualSubset(keep_ratio, seed=0)
+    rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
+    keys = [("task", doc_id) for doc_id in range(len(rows))]
+    vtw = withdrawal(model, 2, keep_selector=selector)
+    singles = []
+    for index, row in enumerate(rows):
+        inputs = encode(processor, [row], seed=index)
+        selector.rows = [keys[index]]
+        with torch.no_grad():
+            singles.append(model(**inputs).logits[0, -1])
+        if row[1]:
+            visual = torch.isin(inputs["input_ids"], torch.tensor(visual_ids(model.config)))
+            kept = visual & selector(visual, None, None)
+            assert int(kept.sum()) == round(keep_ratio * int(visual.sum())) > 0
+            vtw.remove()
+            expected, _ = reference_vtw_logits(model, inputs, 2, keep=selector(visual, None, None)[0])
+            vtw = withdrawal(model, 2, keep_selector=selector)
+            with torch.no_grad():
+                assert_close(model(**inputs).logits, expected, SAME_ARITHMETIC)
+    selector.rows = keys
+    with torch.no_grad():
+        batch = model(**encode(processor, rows)).logits[:, -1]
+    for index, single in enumerate(singles):
+        assert_close(batch[index], single, reordering_ulps(model))
+    inputs = encode(processor, rows[:1])
+    selector.rows = keys[:1]
+    suppress = visual_ids(model.config)
+    cached = generate(model, inputs, output_logits=True, return_dict_in_generate=True, suppress_tokens=suppress)
+    sequence = inputs["input_ids"]
+    for step in range(3):
+        with torch.no_grad():
+            logits = model(**with_tokens(inputs, sequence), use_cache=False).logits[:, -1]
+        assert_close(cached.logits[step], logits, reordering_ulps(model))
+        logits[:, suppress] = -float("inf")
+        sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    vtw.remove()
+    assert torch.equal(cached.sequences[:, : sequence.shape[1]], sequence)

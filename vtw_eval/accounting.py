@@ -87,11 +87,12 @@ def default_accounting_file(stem: str, rank: int, output_path: str | None) -> Pa
 class RequestAccounting:
     """Owns the per-request records of one ``generate_until`` call, their file and the report."""
 
-    def __init__(self, model: torch.nn.Module, path: Path):
+    def __init__(self, model: torch.nn.Module, path: Path, method: dict | None = None):
         self.geometry = DecoderGeometry.from_config(model.config)
         self.whole_model = whole_model_of(model.config)  # None where the tower is not modelled
         self.kv_dtype_bytes = torch.finfo(model.dtype).bits // 8
         self.path = path
+        self.method = method or {"method": "vtw"}  # what each record says about how it withdrew
         self.records: list[dict] = []
         self.timers: list[CallTimer] = []
         self.calibration_flops: dict[str, int] = {}  # per task: decoder FLOPs spent choosing its K now
@@ -123,6 +124,7 @@ class RequestAccounting:
                 {
                     "task": task,
                     "doc_id": doc_id,
+                    **self.method,
                     **figures,
                     "batch_size": len(requests),
                     "batch_prefill_seconds": timer.prefill_seconds,
@@ -165,6 +167,7 @@ class RequestAccounting:
             additional_metrics={
                 "withdraw_layer": mean("withdraw_layer"),
                 "visual_tokens": mean("visual_tokens"),
+                "visual_tokens_per_layer": mean("visual_tokens_per_layer"),
                 "kept_tokens": mean("kept_tokens"),
                 "prefill_tflops_baseline": mean("prefill_flops_baseline") / 1e12,
                 "prefill_tflops_vtw": mean("prefill_flops_vtw") / 1e12,

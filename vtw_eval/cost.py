@@ -318,6 +318,10 @@ def request_figures(
         "prompt_tokens": num_tokens,
         "visual_tokens": num_visual,
         "kept_tokens": num_tokens - num_removed if k < geometry.num_layers else num_tokens,
+        # Visual tokens each decoder layer sees, averaged over the layers (UniPruneBench's and
+        # SparseVLM's measure of a reduction's compute).
+        "visual_tokens_per_layer": (k * num_visual + (geometry.num_layers - k) * (num_visual - num_removed))
+        / geometry.num_layers,
         "generated_tokens": generated,
         "prefill_flops_baseline": baseline_flops,
         "prefill_flops_vtw": vtw_flops,

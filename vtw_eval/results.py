@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from vtw_eval.run import newest_results_file
 THROUGHPUT_KEYS = (
     "withdraw_layer",
     "visual_tokens",
+    "visual_tokens_per_layer",
     "kept_tokens",
     "prefill_tflops_baseline",
     "prefill_tflops_vtw",
@@ -78,10 +78,9 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise ValueError(f"{results_file}: not an lmms-eval results file (no 'results' section)")
     config = data.get("config") or {}
-    if label is None:
-        layer = re.search(r"withdraw_layer=([^,]+)", str(config.get("model_args", "")))
-        label = f"{config.get('model', results_file.parent.name)}" + (f" K={layer.group(1)}" if layer else "")
     run = Run(label, results_file, data)
+    if label is None:
+        run.label = default_label(run, config.get("model", results_file.parent.name))
     higher_is_better = data.get("higher_is_better") or {}
     for task, entries in data["results"].items():
         for key, value in entries.items():
@@ -95,6 +94,15 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
                 "higher_is_better": (higher_is_better.get(task) or {}).get(metric),
             }
     return run
+
+
+def default_label(run: Run, model: str) -> str:
+    """The backend, and how it withdrew: ``K=16`` (VTW), or ``random p=2 keep=0.25 seed=0``."""
+    args = model_arguments(run)
+    if args.get("method", "vtw") != "vtw":
+        settings = f"p={args.get('prune_layer', 2)} keep={args.get('keep_ratio')} seed={args.get('seed', 0)}"
+        return f"{model} {args['method']} {settings}"
+    return model + (f" K={args['withdraw_layer']}" if "withdraw_layer" in args else "")
 
 
 def model_arguments(run: Run) -> dict[str, str]:

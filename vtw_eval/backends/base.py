@@ -36,7 +36,7 @@ from vtw_eval.accounting import (
     image_token_runs,
     report_loglikelihood,
 )
-from vtw_eval.architecture import Architecture
+from vtw_eval.architecture import Architecture, language_model_of
 from vtw_eval.backends import arguments
 from vtw_eval.backends.calibrating import calibration_answers, task_kl
 from vtw_eval.backends.generation import StopAtStrings, generation_settings, prompt_lengths, tokens_to_first_eos
@@ -48,6 +48,7 @@ from vtw_eval.calibration_file import calibration_file_stem, checkpoint_folder, 
 from vtw_eval.cost import DecoderGeometry
 from vtw_eval.engine import VisualTokenWithdrawal
 from vtw_eval.files import cache_dir, check_writable
+from vtw_eval.methods import Method
 from vtw_eval.registry import BACKENDS
 from vtw_eval.withdraw_layer_choice import CalibrationSettings, CalibrationTarget, WithdrawLayerChoice
 
@@ -83,6 +84,10 @@ class VTWBackend(lmms):
         calibrate_per_task: int = 0,
         kl_tokens: int = 1,
         accounting_file: str | None = None,
+        method: str = "vtw",
+        prune_layer: int | None = None,
+        keep_ratio: float | None = None,
+        seed: int | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes it; batches are batch_size
         **kwargs,
     ) -> None:
@@ -106,7 +111,10 @@ class VTWBackend(lmms):
             arguments.one_of("dtype", dtype, DTYPES), trust_remote_code, attn_implementation, device_map,
         )  # fmt: skip
         self.tokenizer = self.processor.tokenizer
-        self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture)
+        self.method = Method.from_arguments(
+            method, prune_layer, keep_ratio, seed, withdraw_layer, len(language_model_of(self._model).layers)
+        )
+        self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture, self.method.keep_selector())
         self.geometry = DecoderGeometry.from_config(self._model.config)
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
         stem = calibration_file_stem(pretrained, self.identity)
@@ -117,8 +125,9 @@ class VTWBackend(lmms):
         )
         # The K of every request, unless withdraw_layer=auto finds a task's own K in the calibration file.
         self.withdraw_layers = WithdrawLayerChoice(
-            withdraw_layer, settings, target, self.processes, arguments.response_cache_requested()
-        )
+            withdraw_layer if self.method.name == "vtw" else self.method.prune_layer,
+            settings, target, self.processes, arguments.response_cache_requested(),
+        )  # fmt: skip
         self.withdrawal.withdraw_layer = self.withdraw_layers.default
         self.accounting_file = self._accounting_path(accounting_file, stem)
         logger.info(
@@ -273,7 +282,7 @@ class VTWBackend(lmms):
     # -- lmms-eval's request types over one batching loop ------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        accounting = RequestAccounting(self._model, self.accounting_file)
+        accounting = RequestAccounting(self._model, self.accounting_file, self.method.record())
         named = [Request.of(request) for request in requests]
         if any(request.is_calibration for request in named) and self._rank == 0:
             self.withdraw_layers.check_writable()  # the calibration group writes the file
@@ -322,6 +331,8 @@ class VTWBackend(lmms):
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc=desc)
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             self.withdrawal.withdraw_layer = layers.get(chunk[0].task, self.withdraw_layers.default)
+            if self.withdrawal.keep_selector is not None:  # which rows a method's subsets are for
+                self.withdrawal.keep_selector.rows = [request.key for request in chunk]
             try:
                 results += answer(chunk)
             except Exception as error:

@@ -1,0 +1,99 @@
+"""method=random, the control for VTW: arguments, the same subset for a doc in any batch and rerun,
+other seeds other subsets, and what the records and vtw-diff say about it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from backend_requests import docs, generation_requests
+from reference import visual_ids
+
+from vtw_eval.backends.llava import VTWLlava
+from vtw_eval.backends.requests import Request
+from vtw_eval.methods import RandomVisualSubset, subset_seed
+from vtw_eval.results import load_run
+from vtw_eval.run import run_lmms_eval
+
+
+def random_backend(path, batch_size=1, seed=0, tmp=None, **kwargs):
+    lm = VTWLlava(
+        pretrained=str(path), device="cpu", batch_size=batch_size, method="random", keep_ratio=0.5, seed=seed,
+        accounting_file=f"{tmp or path}/accounting_{batch_size}_{seed}.jsonl", **kwargs,
+    )  # fmt: skip
+    lm.task_dict = {"tiny": {"test": docs()}}
+    return lm
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        ("method=fastv", r"method='fastv' is not accepted; use one of vtw, random"),
+        ("method=random", r"method=random needs keep_ratio"),
+        ("method=random,keep_ratio=1", r"keep_ratio=1 is not accepted; use a number between 0 and 1"),
+        ("method=random,keep_ratio=0.5,prune_layer=4", r"prune_layer=4 is not accepted; use an integer from 0 to 3"),
+        ("method=random,keep_ratio=0.5,withdraw_layer=auto", r"withdraw_layer='auto' with method=random"),
+        ("method=random,keep_ratio=0.5,withdraw_layer=2", r"withdraw_layer=2 with method=random"),
+        ("keep_ratio=0.5", r"keep_ratio choose the subset of method=random; with method=vtw"),
+        ("withdraw_layer=2,seed=3", r"seed choose the subset of method=random"),
+    ],
+)
+def test_arguments_are_checked_together(tiny_llava_path, model_args, message):
+    with pytest.raises(ValueError, match=message):
+        VTWLlava.create_from_arg_string(f"pretrained={tiny_llava_path},device=cpu,{model_args}")
+
+
+def test_a_docs_subset_is_its_own_in_any_batch_and_rerun(tiny_llava_path, tmp_path):
+    one = random_backend(tiny_llava_path, tmp=tmp_path).generate_until(generation_requests())
+    assert random_backend(tiny_llava_path, batch_size=3, tmp=tmp_path).generate_until(generation_requests()) == one
+    assert random_backend(tiny_llava_path, tmp=tmp_path).generate_until(generation_requests()) == one
+    records = [json.loads(line) for line in (tmp_path / "accounting_1_0.jsonl").read_text().splitlines()]
+    by_doc = {record["doc_id"]: record for record in records}
+    assert {record["method"] for record in records} == {"random"}
+    assert {(record["keep_ratio"], record["seed"], record["withdraw_layer"]) for record in records} == {(0.5, 0, 2)}
+    # Doc 3 has two images of 16 tokens each: it keeps 16 of 32 from layer 2 of 4 on.
+    assert by_doc[3]["visual_tokens"] == 32 and by_doc[3]["kept_tokens"] == by_doc[3]["prompt_tokens"] - 16
+    assert by_doc[3]["visual_tokens_per_layer"] == (2 * 32 + 2 * 16) / 4
+    assert by_doc[2]["visual_tokens"] == 0 and by_doc[2]["kept_tokens"] == by_doc[2]["prompt_tokens"]  # text only
+
+
+def test_other_seeds_keep_other_tokens_and_give_other_logits(tiny_llava_path):
+    visual_mask = torch.zeros(1, 40, dtype=torch.bool)
+    visual_mask[0, 5:37] = True
+    subsets = []
+    for seed in (0, 1):
+        selector = RandomVisualSubset(0.5, seed)
+        selector.rows = [("tiny", 3)]
+        subsets.append(selector(visual_mask, None, None))
+        assert int((subsets[-1] & visual_mask).sum()) == 16 and subsets[-1][~visual_mask].all()
+    assert not torch.equal(subsets[0], subsets[1])
+    assert subset_seed(0, "tiny", 3) != subset_seed(0, "tiny", 4)  # and other docs too
+    logits = []
+    for seed in (0, 1):
+        lm = random_backend(tiny_llava_path, seed=seed)
+        inputs = lm.batch_inputs([Request.of(generation_requests()[3])])  # doc 3: two images
+        lm.withdrawal.keep_selector.rows = [("tiny", 3)]
+        with torch.no_grad():
+            logits.append(lm.model(**inputs).logits[0, -1])
+        assert int(torch.isin(inputs["input_ids"], torch.tensor(visual_ids(lm.model.config))).sum()) == 32
+    assert (logits[0] - logits[1]).abs().max() > 1e-4  # the guard: the kept tokens matter
+
+
+@pytest.mark.cli
+def test_through_the_cli_records_and_label_say_random(tiny_llava_path, tmp_path):
+    accounting = tmp_path / "requests.jsonl"
+    results_file = run_lmms_eval(
+        "vtw_llava",
+        f"pretrained={tiny_llava_path},device=cpu,method=random,keep_ratio=0.25,prune_layer=1,seed=7,"
+        f"accounting_file={accounting}",
+        "vtw_tiny_mme", tmp_path, "--batch_size", "4",
+    )  # fmt: skip
+    records = [json.loads(line) for line in accounting.read_text().splitlines()]
+    assert len(records) == 16 and {(r["method"], r["keep_ratio"], r["seed"], r["withdraw_layer"]) for r in records} == {
+        ("random", 0.25, 7, 1)
+    }
+    assert all(r["kept_tokens"] == r["prompt_tokens"] - 12 for r in records)  # 12 of each image's 16 tokens go
+    throughput = json.loads(results_file.read_text())["throughput"]
+    assert throughput["avg_visual_tokens_per_layer"] == pytest.approx((1 * 16 + 3 * 4) / 4)
+    assert load_run(results_file).label == "vtw_llava random p=1 keep=0.25 seed=7"
