@@ -257,7 +257,7 @@ def test_random_subsets_match_the_reference(tiny, keep_ratio):
     2 images equals one by one, and cached decoding equals recomputing."""
     _, path, processor = tiny
     model = load(path)
-    selector = RandomVisualSubset(keep_ratio, seed=0)
+    selector = RandomVisualSubset(seed=0, keep_ratio=keep_ratio)
     rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
     keys = [("task", doc_id) for doc_id in range(len(rows))]
     vtw = withdrawal(model, 2, keep_selector=selector)

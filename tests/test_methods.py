@@ -18,8 +18,10 @@ from vtw_eval.run import run_lmms_eval
 
 
 def random_backend(path, batch_size=1, seed=0, tmp=None, **kwargs):
+    """``method=random`` on the tiny LLaVA, keeping half of each row's visual tokens unless told."""
+    kwargs = ({} if "match_withdraw_layer" in kwargs else {"keep_ratio": 0.5}) | kwargs
     lm = VTWLlava(
-        pretrained=str(path), device="cpu", batch_size=batch_size, method="random", keep_ratio=0.5, seed=seed,
+        pretrained=str(path), device="cpu", batch_size=batch_size, method="random", seed=seed,
         accounting_file=f"{tmp or path}/accounting_{batch_size}_{seed}.jsonl", **kwargs,
     )  # fmt: skip
     lm.task_dict = {"tiny": {"test": docs()}}
@@ -30,13 +32,16 @@ def random_backend(path, batch_size=1, seed=0, tmp=None, **kwargs):
     "model_args, message",
     [
         ("method=fastv", r"method='fastv' is not accepted; use one of vtw, random"),
-        ("method=random", r"method=random needs keep_ratio"),
+        ("method=random", r"method=random needs one of keep_ratio .* and match_withdraw_layer"),
+        ("method=random,keep_ratio=0.5,match_withdraw_layer=3", r"method=random needs one of keep_ratio"),
+        ("method=random,match_withdraw_layer=1", r"match_withdraw_layer=1 is not accepted; use an integer from 2"),
         ("method=random,keep_ratio=1", r"keep_ratio=1 is not accepted; use a number between 0 and 1"),
         ("method=random,keep_ratio=0.5,prune_layer=4", r"prune_layer=4 is not accepted; use an integer from 0 to 3"),
         ("method=random,keep_ratio=0.5,withdraw_layer=auto", r"withdraw_layer='auto' with method=random"),
         ("method=random,keep_ratio=0.5,withdraw_layer=2", r"withdraw_layer=2 with method=random"),
         ("keep_ratio=0.5", r"keep_ratio choose the subset of method=random; with method=vtw"),
         ("withdraw_layer=2,seed=3", r"seed choose the subset of method=random"),
+        ("match_withdraw_layer=2", r"match_withdraw_layer choose the subset of method=random"),
     ],
 )
 def test_arguments_are_checked_together(tiny_llava_path, model_args, message):
@@ -63,7 +68,7 @@ def test_other_seeds_keep_other_tokens_and_give_other_logits(tiny_llava_path):
     visual_mask[0, 5:37] = True
     subsets = []
     for seed in (0, 1):
-        selector = RandomVisualSubset(0.5, seed)
+        selector = RandomVisualSubset(seed, keep_ratio=0.5)
         selector.rows = [("tiny", 3)]
         subsets.append(selector(visual_mask, None, None))
         assert int((subsets[-1] & visual_mask).sum()) == 16 and subsets[-1][~visual_mask].all()
@@ -97,3 +102,58 @@ def test_through_the_cli_records_and_label_say_random(tiny_llava_path, tmp_path)
     throughput = json.loads(results_file.read_text())["throughput"]
     assert throughput["avg_visual_tokens_per_layer"] == pytest.approx((1 * 16 + 3 * 4) / 4)
     assert load_run(results_file).label == "vtw_llava random p=1 keep=0.25 seed=7"
+
+
+def test_matched_compute_by_hand():
+    """LLaVA-1.5-7B, 651 tokens of which 576 visual: random at prune_layer 2 keeps the count whose
+    decoder prefill is nearest VTW's at K=16 (the layer count of tests/test_cost.py by hand)."""
+    from vtw_eval.cost import DecoderGeometry
+    from vtw_eval.methods import MatchedCompute
+
+    def layer(n):
+        return 8 * n * 4096**2 + 6 * n * 4096 * 11008 + 4 * n * n * 4096
+
+    geometry = DecoderGeometry(32, 4096, 11008, 32, 32, 128)
+    target = 16 * layer(651) + 16 * layer(75)
+    flops = [2 * layer(651) + 30 * layer(75 + kept) for kept in range(577)]
+    best = min(range(577), key=lambda kept: abs(flops[kept] - target))
+    assert MatchedCompute(geometry, 2, 16).kept(651, 576) == best
+    assert flops[best] <= target <= flops[best + 1] or flops[best - 1] <= target <= flops[best]  # within a token
+    assert 200 < best < 576 * 16 / 30  # keeps fewer than K's share of layer passes, as the quadratic term costs
+    assert MatchedCompute(geometry, 2, 32).kept(651, 576) == 576 and MatchedCompute(geometry, 2, 2).kept(651, 576) == 0
+
+
+def test_matched_compute_records_vtws_flops_and_the_real_cache(tiny_llava_path, tmp_path):
+    """Through the backend: each request's prefill FLOPs within one token of VTW's at the matched
+    K for that prompt; the decoder's FLOPs as torch counts them; its cache bytes the real cache's."""
+    import re
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vtw_eval.engine import cache_bytes, cache_in
+
+    # eager attention: torch's counter sees its matrix products (sdpa's it does not count)
+    lm = random_backend(
+        tiny_llava_path, tmp=tmp_path, match_withdraw_layer=3, prune_layer=1, attn_implementation="eager"
+    )
+    caches = []
+    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_in(kw)), with_kwargs=True)
+    geometry, kept_counts = lm.geometry, []
+    for request in [generation_requests()[doc] for doc in (0, 1, 3)]:  # one image, another, two
+        lm.generate_until([request])
+        (record,) = [json.loads(line) for line in (tmp_path / "accounting_1_0.jsonl").read_text().splitlines()]
+        assert record["kv_cache_bytes_vtw"] == cache_bytes(caches[-1])  # after the last step's input
+        n, visual = record["prompt_tokens"], record["visual_tokens"]
+        removed = n - record["kept_tokens"]
+        kept_counts.append(visual - removed)
+        assert record["match_withdraw_layer"] == 3 and record["withdraw_layer"] == 1
+        target = geometry.prefill_flops(n, visual, 3)
+        one_token = geometry.prefill_flops(n, removed - 1, 1) - geometry.prefill_flops(n, removed, 1)
+        assert abs(record["prefill_flops_vtw"] - target) <= one_token
+        lm.withdrawal.keep_selector.rows = [(request.args[4], request.args[3])]
+        with FlopCounterMode(display=False, depth=10) as counter, torch.no_grad():
+            lm.model(**lm.batch_inputs([Request.of(request)]), use_cache=False, logits_to_keep=1)
+        flops = counter.get_flop_counts()
+        decoder = sum(sum(flops[name].values()) for name in flops if re.search(r"language_model\.layers\.\d+$", name))
+        assert decoder == geometry.prefill_flops(n, removed, 1) == record["prefill_flops_vtw"]
+    assert 0 < kept_counts[0] < 16 and kept_counts[2] > kept_counts[0]  # a share of the visual tokens stays

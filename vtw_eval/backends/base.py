@@ -88,6 +88,7 @@ class VTWBackend(lmms):
         prune_layer: int | None = None,
         keep_ratio: float | None = None,
         seed: int | None = None,
+        match_withdraw_layer: int | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes it; batches are batch_size
         **kwargs,
     ) -> None:
@@ -112,10 +113,12 @@ class VTWBackend(lmms):
         )  # fmt: skip
         self.tokenizer = self.processor.tokenizer
         self.method = Method.from_arguments(
-            method, prune_layer, keep_ratio, seed, withdraw_layer, len(language_model_of(self._model).layers)
-        )
-        self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture, self.method.keep_selector())
+            method, prune_layer, keep_ratio, seed, match_withdraw_layer, withdraw_layer,
+            len(language_model_of(self._model).layers),
+        )  # fmt: skip
         self.geometry = DecoderGeometry.from_config(self._model.config)
+        selector = self.method.keep_selector(self.geometry)
+        self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture, selector)
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
         stem = calibration_file_stem(pretrained, self.identity)
         calibration_dir = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
