@@ -251,7 +251,7 @@ def test_a_video_shorter_than_max_num_frames_runs(tmp_path, family):
         assert 1 <= inputs["video_grid_thw"][0, 0].item() <= 3
     elif family == "qwen3_vl":
         assert lm.video_kwargs["nframes"] == 32
-        assert lm._video_element(video)["nframes"] == 6
+        assert lm._video_element(lm.video_frames(video))["nframes"] == 6
         inputs = lm.batch_inputs([Request.of(video_request(video))])
         assert inputs["video_grid_thw"][0, 0].item() == 3  # 6 frames, paired by the temporal patch
     else:

@@ -140,11 +140,20 @@ def plan_from_keep_mask(
     return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, keep.shape[1], num_removed)
 
 
+def visual_positions(input_ids: torch.Tensor, visual_token_ids: list[int]) -> torch.Tensor:
+    """(batch, length) bool, True where a token id is a visual one."""
+    return torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device))
+
+
 def plan_withdrawal(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_token_ids: list[int]
 ) -> WithdrawalPlan:
-    """VTW's plan: every visual position (by token id) goes, every other stays."""
-    visual_mask = torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device))
+    """VTW's plan for a prompt batch, its visual positions found by token id."""
+    return vtw_plan(visual_positions(input_ids, visual_token_ids), attention_mask)
+
+
+def vtw_plan(visual_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> WithdrawalPlan:
+    """VTW's plan from the batch's visual positions: they go, every other position stays."""
     if visual_mask[:, -1].any():
         raise ValueError(
             "A prompt ends with a visual token; VTW predicts from the last prompt token, which must be text."
@@ -244,15 +253,12 @@ class VisualTokenWithdrawal:
         """A prefill: find the visual positions; the plan is made at the first withdrawn layer."""
         self.plan, self._prefill, self._seen_tokens = None, True, input_ids.shape[1]
         self._visual_mask, self._prompt_mask = None, attention_mask
-        if self.keep_selector is None:  # VTW decides from the prompt alone
-            plan = plan_withdrawal(input_ids, attention_mask, self.visual_token_ids)
-            if plan.visual_mask.any():  # a text-only batch runs as the unmodified model
-                self._visual_mask = plan.visual_mask
-                self._set_plan(plan)
+        visual_mask = visual_positions(input_ids, self.visual_token_ids)
+        if not visual_mask.any():  # a text-only batch runs as the unmodified model
             return
-        visual_mask = torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
-        if visual_mask.any():
-            self._visual_mask = visual_mask
+        self._visual_mask = visual_mask
+        if self.keep_selector is None:  # VTW decides from the prompt alone
+            self._set_plan(vtw_plan(visual_mask, attention_mask))
 
     def _set_plan(self, plan: WithdrawalPlan) -> None:
         self.plan, self._kept_rotary = plan, KeptRotary(plan)

@@ -36,7 +36,7 @@ from vtw_eval.accounting import (
     image_token_runs,
     report_loglikelihood,
 )
-from vtw_eval.architecture import Architecture, language_model_of
+from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
 from vtw_eval.backends.calibrating import calibration_answers, task_kl
 from vtw_eval.backends.generation import StopAtStrings, generation_settings, prompt_lengths, tokens_to_first_eos
@@ -46,7 +46,7 @@ from vtw_eval.backends.requests import Request
 from vtw_eval.backends.visuals import VIDEO_EXTENSIONS, Visual
 from vtw_eval.calibration_file import calibration_file_stem, checkpoint_folder, model_identity
 from vtw_eval.cost import DecoderGeometry
-from vtw_eval.engine import VisualTokenWithdrawal
+from vtw_eval.engine import VisualTokenWithdrawal, visual_positions
 from vtw_eval.files import cache_dir, check_writable
 from vtw_eval.methods import Method
 from vtw_eval.registry import BACKENDS
@@ -112,13 +112,12 @@ class VTWBackend(lmms):
             arguments.one_of("dtype", dtype, DTYPES), trust_remote_code, attn_implementation, device_map,
         )  # fmt: skip
         self.tokenizer = self.processor.tokenizer
+        self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture)
         self.method = Method.from_arguments(
-            method, prune_layer, keep_ratio, seed, match_withdraw_layer, withdraw_layer,
-            len(language_model_of(self._model).layers),
-        )  # fmt: skip
+            method, prune_layer, keep_ratio, seed, match_withdraw_layer, withdraw_layer, self.withdrawal.num_layers
+        )
         self.geometry = DecoderGeometry.from_config(self._model.config)
-        selector = self.method.keep_selector(self.geometry)
-        self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture, selector)
+        self.withdrawal.keep_selector = self.method.keep_selector(self.geometry)
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
         stem = calibration_file_stem(pretrained, self.identity)
         calibration_dir = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
@@ -272,9 +271,7 @@ class VTWBackend(lmms):
                 )
 
     def visual_counts(self, inputs: dict[str, torch.Tensor]) -> list[int]:
-        input_ids = inputs["input_ids"]
-        visual_ids = torch.tensor(self.withdrawal.visual_token_ids, device=input_ids.device)
-        return torch.isin(input_ids, visual_ids).sum(1).tolist()
+        return visual_positions(inputs["input_ids"], self.withdrawal.visual_token_ids).sum(1).tolist()
 
     def removed_counts(self, inputs: dict[str, torch.Tensor]) -> list[int]:
         """What each row of the last forward withdrew (with nothing withdrawn, its visual tokens:

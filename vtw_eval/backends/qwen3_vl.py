@@ -29,6 +29,15 @@ from vtw_eval.backends.visuals import Visual, video_length
 IMAGE_PATCH_SIZE = 16  # Qwen3-VL's and Qwen3.5's ViT patch; qwen_vl_utils resizes to multiples of twice it
 
 
+class VideoFile(str):
+    """A video's path, with its number of frames."""
+
+    def __new__(cls, path: str, frames: int) -> VideoFile:
+        video = super().__new__(cls, path)
+        video.frames = frames
+        return video
+
+
 class VTWQwen3VL(VTWBackend):
     model_classes = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
     architecture = Architecture(
@@ -77,21 +86,19 @@ class VTWQwen3VL(VTWBackend):
         self.enable_thinking = arguments.boolean("enable_thinking", enable_thinking)
         super().__init__(pretrained, **kwargs)
 
-    def video_frames(self, path: str) -> str:
-        """Videos stay paths: qwen_vl_utils reads and samples them, as in lmms-eval's backend.
-        Read once here, so that an unreadable file stops with its own error."""
-        video_length(path)
-        return path
+    def video_frames(self, path: str) -> VideoFile:
+        """Videos stay paths: qwen_vl_utils reads and samples them, as in lmms-eval's backend. The
+        frame count is read here, once, so that an unreadable file stops with its own error."""
+        return VideoFile(path, video_length(path))
 
-    def _video_element(self, path: str) -> dict:
+    def _video_element(self, video: VideoFile) -> dict:
         """qwen_vl_utils' element for a video: a fixed frame count (``nframes``) is capped at the
         video's length, rounded down to the even count it takes (it pairs frames; 2 at least)."""
-        element = {"type": "video", "video": path, **self.video_kwargs}
+        element = {"type": "video", "video": str(video), **self.video_kwargs}
         if "nframes" in element:
-            length = video_length(path)
-            if length < 2:
-                raise ValueError(f"the video {path} has {length} frame; Qwen3-VL's video input needs 2 or more")
-            element["nframes"] = min(element["nframes"], length - length % 2)
+            if video.frames < 2:
+                raise ValueError(f"the video {video} has {video.frames} frame; Qwen3-VL's video input needs 2 or more")
+            element["nframes"] = min(element["nframes"], video.frames - video.frames % 2)
         return element
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:
