@@ -59,7 +59,11 @@ def test_batched_kl_equals_one_prompt_at_a_time(tiny_llava_path, processor):
     for index, row in enumerate(rows):
         single = layer_kl_divergences(withdrawal, encode(processor, [row], seed=index))
         torch.testing.assert_close(batch[index], single[0], atol=kl_tolerance(1.0, REORDERED), rtol=0)
-    assert batch[2].abs().max() == 0  # a text-only prompt: both forwards are the same arithmetic
+    # A text-only prompt loses nothing, so its KL is 0 up to rounding: the one-pass measurement runs
+    # the later layers over other shapes than the plain forward (seen on one thread: 7e-8 alone,
+    # 2e-8 in the batch; 0 with two threads), hence the tolerance and not exact equality.
+    assert batch[2].abs().max() <= kl_tolerance(1.0, REORDERED)
+    assert batch[1].abs().max() > 1e-6  # rows with an image do change: the comparison has teeth
 
 
 def naive_greedy_answer(model, inputs: dict, steps: int, eos_token_id: int) -> list[int]:
