@@ -202,18 +202,36 @@ def test_claims_on_hand_made_scores():
 
 
 @pytest.fixture(scope="module")
-def demo_claims(tmp_path_factory, hf_home) -> dict[str, bool]:
-    """The main job end to end (calibrate, baseline, VTW at the calibrated K, K=0); claim letter ->
-    met. All docs: lmms-eval's start-up dominates (a 40-doc subset takes as long), and on a subset
-    POPE's answer prior is no longer balanced."""
+def demo_out(tmp_path_factory, hf_home) -> Path:
+    """The main job end to end (calibrate, baseline, VTW at the calibrated K, K=0). All docs:
+    lmms-eval's start-up dominates (a 40-doc subset takes as long), and on a subset POPE's answer
+    prior is no longer balanced."""
     out = tmp_path_factory.mktemp("demo")
     subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--out", str(out), "--hf-home", str(hf_home)],
         check=True,
         cwd=REPO_ROOT,
     )
-    record = json.loads((out / "claims.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_claims(demo_out) -> dict[str, bool]:
+    """Claim letter -> met."""
+    record = json.loads((demo_out / "claims.json").read_text())
     return {claim["claim"][1]: claim["met"] for claim in record["claims"]}
+
+
+@pytest.mark.cli
+def test_demo_tests_its_differences_and_draws_the_tradeoff(demo_out):
+    """K=0 (near chance) is a significant drop on ScienceQA-IMG by McNemar's test; the plot exists."""
+    summary = (demo_out / "summary.md").read_text()
+    row = next(line for line in summary.splitlines() if line.startswith("| scienceqa_img"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    k0_p_holm, k0_test = float(cells[-4]), cells[-3]
+    assert k0_test == "McNemar exact" and k0_p_holm < 1e-3
+    assert "not tested here (cost): coco2017_cap_val" in summary
+    assert (demo_out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.cli

@@ -44,6 +44,7 @@ class Run:
     results_file: Path
     data: dict
     metrics: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, metric) -> value, stderr, hib
+    paired: dict[str, dict] = field(default_factory=dict)  # task -> lmms-eval's paired_* fields (--baseline)
 
 
 def find_results_file(path: Path) -> Path:
@@ -88,11 +89,19 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
                 continue
             metric, filter_name = key.split(",", 1)
             name = metric if filter_name == "none" else key
+            stderr = number(entries.get(f"{metric}_stderr,{filter_name}"))
+            # lmms-eval's CLT error (of the per-doc scores' mean) where its bootstrap one is N/A
+            clt = None if stderr is not None else number(entries.get(f"{metric}_stderr_clt,{filter_name}"))
             run.metrics[(task, name)] = {
                 "value": number(value),
-                "stderr": number(entries.get(f"{metric}_stderr,{filter_name}")),
+                "stderr": stderr if clt is None else clt,
+                "stderr_kind": "clt" if clt is not None else None,
                 "higher_is_better": (higher_is_better.get(task) or {}).get(metric),
             }
+        # lmms-eval's own paired test against its --baseline samples file, as it wrote it
+        paired = {key: value for key, value in entries.items() if key.startswith("paired_")}
+        if paired:
+            run.paired[task] = paired
     return run
 
 
@@ -124,20 +133,36 @@ def docs_per_task(run: Run) -> dict[str, int]:
     }
 
 
-def sample_answers(run: Run, task: str) -> dict | None:
-    """doc_id -> filtered answer, from the --log_samples file written beside the results file."""
+def samples_file(run: Run, task: str) -> Path:
+    """Where lmms-eval's --log_samples writes a task's samples, beside the results file."""
     prefix = run.results_file.name.removesuffix("_results.json")
-    samples_file = run.results_file.parent / f"{prefix}_samples_{task}.jsonl"
-    if not samples_file.exists():
+    return run.results_file.parent / f"{prefix}_samples_{task}.jsonl"
+
+
+def read_samples(run: Run, task: str) -> list[dict] | None:
+    """The task's logged samples (each with doc_id, filtered_resps, doc_hash and the per-doc
+    metric values), or None when the run was not made with --log_samples."""
+    path = samples_file(run, task)
+    if not path.exists():
         return None
-    answers = {}
-    for number, line in enumerate(samples_file.read_text().splitlines(), 1):
+    samples = []
+    for line_number, line in enumerate(path.read_text().splitlines(), 1):
         try:
             sample = json.loads(line)
-            answers[sample["doc_id"]] = _answer(sample["filtered_resps"])
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{samples_file}:{number}: not an lmms-eval sample ({error})") from None
-    return answers
+            if not isinstance(sample, dict) or "doc_id" not in sample or "filtered_resps" not in sample:
+                raise KeyError("doc_id or filtered_resps")
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{path}:{line_number}: not an lmms-eval sample ({error})") from None
+        samples.append(sample)
+    return samples
+
+
+def sample_answers(run: Run, task: str) -> dict | None:
+    """doc_id -> filtered answer, from the --log_samples file written beside the results file."""
+    samples = read_samples(run, task)
+    if samples is None:
+        return None
+    return {sample["doc_id"]: _answer(sample["filtered_resps"]) for sample in samples}
 
 
 def loglikelihood_pairs(responses: list) -> list[tuple[float, bool]] | None:
