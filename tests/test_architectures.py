@@ -20,11 +20,12 @@ from tiny_models import (
     withdrawal,
 )
 from tolerances import GUARD, SAME_ARITHMETIC, assert_close, kl_tolerance, reordering_ulps
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vtw_eval.architecture import Architecture, layer_types
+from vtw_eval.cost import DecoderGeometry
 from vtw_eval.engine import VisualTokenWithdrawal, cache_in
-from vtw_eval.methods import RandomVisualSubset
+from vtw_eval.methods import Method, RandomVisualSubset, VisualCount
 
 QUESTION = "Is there a red square in the image ?"
 
@@ -257,7 +258,7 @@ def test_random_subsets_match_the_reference(tiny, keep_ratio):
     2 images equals one by one, and cached decoding equals recomputing."""
     _, path, processor = tiny
     model = load(path)
-    selector = RandomVisualSubset(seed=0, keep_ratio=keep_ratio)
+    selector = RandomVisualSubset(seed=0, count=VisualCount(keep_ratio))
     rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
     keys = [("task", doc_id) for doc_id in range(len(rows))]
     vtw = withdrawal(model, 2, keep_selector=selector)
@@ -294,3 +295,96 @@ def test_random_subsets_match_the_reference(tiny, keep_ratio):
         sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
     vtw.remove()
     assert torch.equal(cached.sequences[:, : sequence.shape[1]], sequence)
+
+
+def fastv_method(path, keep_ratio: float) -> Method:
+    text_config = AutoConfig.from_pretrained(path).get_text_config()
+    return Method.from_arguments("fastv", 2, keep_ratio, None, None, None, text_config)
+
+
+def top_visual(scores: torch.Tensor, visual: torch.Tensor, count: int) -> set[int]:
+    positions = visual.nonzero()[:, 0]
+    return set(positions[scores[positions].argsort(descending=True, stable=True)[:count]].tolist())
+
+
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
+def test_fastv_ranks_by_eager_attention_and_matches_the_reference(tiny, keep_ratio):
+    """method=fastv on every family whose layer 1 attends (Qwen3.5's is a Gated DeltaNet layer:
+    refused by name): the last query's head-mean weights of layer 1, recomputed under sdpa, equal
+    eager attention's; each row keeps its top visual tokens by them from layer 2 on; the engine
+    equals the reference withdrawing that subset; a batch with 0, 1 and 2 images equals one by one;
+    cached decoding equals recomputing with the prompt's subset."""
+    family, path, processor = tiny
+    if family.startswith("qwen3_5"):
+        with pytest.raises(ValueError, match=r"layer 1 is linear_attention; prune_layer values .*: none in this model"):
+            fastv_method(path, keep_ratio)
+        return
+    model, eager = load(path), load(path, "eager")
+    selector = fastv_method(path, keep_ratio).keep_selector(DecoderGeometry.from_config(model.config))
+    vtw = withdrawal(model, 2, keep_selector=selector)
+    rows = [(QUESTION, 2), ("What colour is it ?", 1), ("Is it big ?", 0)]
+    singles = []
+    for index, row in enumerate(rows):
+        inputs = encode(processor, [row], seed=index)
+        with torch.no_grad():
+            singles.append(model(**inputs).logits[0, -1])
+            expected_scores = eager(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(0)
+        if not row[1]:
+            continue
+        scores = selector.used_scores[0]
+        assert_close(scores, expected_scores, reordering_ulps(model))
+        visual = torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids(model.config)))
+        count = round(keep_ratio * int(visual.sum()))
+        kept = top_visual(scores, visual, count)
+        assert kept == top_visual(expected_scores, visual, count)  # eager ranks them the same
+        keep = ~visual
+        keep[list(kept)] = True
+        vtw.remove()
+        expected, _ = reference_vtw_logits(model, inputs, 2, keep=keep)
+        with torch.no_grad():
+            unpruned = model(**inputs).logits
+        vtw = withdrawal(model, 2, keep_selector=selector)
+        with torch.no_grad():
+            assert_close(model(**inputs).logits, expected, SAME_ARITHMETIC)
+        assert (expected[0, -1] - unpruned[0, -1]).abs().max() > GUARD  # the withdrawal changes the answer
+    with torch.no_grad():
+        batch = model(**encode(processor, rows)).logits[:, -1]
+    for index, single in enumerate(singles):
+        assert_close(batch[index], single, reordering_ulps(model))
+    # Decoding continues with the prompt's subset: each step equals the reference given that subset.
+    inputs = encode(processor, rows[:1])
+    suppress = visual_ids(model.config)
+    cached = generate(model, inputs, output_logits=True, return_dict_in_generate=True, suppress_tokens=suppress)
+    visual = torch.isin(inputs["input_ids"][0], torch.tensor(suppress))
+    keep = ~visual
+    keep[list(top_visual(selector.used_scores[0], visual, round(keep_ratio * int(visual.sum()))))] = True
+    vtw.remove()
+    sequence = inputs["input_ids"]
+    for step in range(3):
+        extended = torch.cat([keep, torch.ones(step, dtype=torch.bool)])
+        logits, _ = reference_vtw_logits(model, with_tokens(inputs, sequence), 2, keep=extended)
+        assert_close(cached.logits[step], logits[:, -1], reordering_ulps(model))
+        logits = logits[:, -1].clone()
+        logits[:, suppress] = -float("inf")
+        sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached.sequences[:, : sequence.shape[1]], sequence)
+
+
+def test_fastv_and_random_keep_other_tokens_and_give_other_logits(tiny):
+    """The guard: at the same ratio, FastV's subset is not random's, and the logits differ."""
+    family, path, processor = tiny
+    if family.startswith("qwen3_5"):
+        pytest.skip("FastV is refused on Qwen3.5's tiny model (test above)")
+    model = load(path)
+    inputs = encode(processor, [(QUESTION, 2)])
+    random = RandomVisualSubset(seed=0, count=VisualCount(0.25))
+    random.rows = [("task", 0)]
+    logits, plans = [], []
+    for selector in (random, fastv_method(path, 0.25).keep_selector(DecoderGeometry.from_config(model.config))):
+        vtw = withdrawal(model, 2, keep_selector=selector)
+        with torch.no_grad():
+            logits.append(model(**inputs).logits[0, -1])
+        plans.append(vtw.plan.kept_positions.clone())
+        vtw.remove()
+    assert not torch.equal(plans[0], plans[1])
+    assert (logits[0] - logits[1]).abs().max() > GUARD

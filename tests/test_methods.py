@@ -12,7 +12,7 @@ from reference import visual_ids
 
 from vtw_eval.backends.llava import VTWLlava
 from vtw_eval.backends.requests import Request
-from vtw_eval.methods import RandomVisualSubset, subset_seed
+from vtw_eval.methods import RandomVisualSubset, VisualCount, subset_seed
 from vtw_eval.results import load_run
 from vtw_eval.run import run_lmms_eval
 
@@ -31,7 +31,11 @@ def random_backend(path, batch_size=1, seed=0, tmp=None, **kwargs):
 @pytest.mark.parametrize(
     "model_args, message",
     [
-        ("method=fastv", r"method='fastv' is not accepted; use one of vtw, random"),
+        ("method=fast", r"method='fast' is not accepted; use one of vtw, random, fastv"),
+        ("method=fastv", r"method=fastv needs one of keep_ratio .* and match_withdraw_layer"),
+        ("method=fastv,keep_ratio=0.5,seed=1", r"seed=1 with method=fastv: its subset is ranked by attention"),
+        ("method=fastv,keep_ratio=0.5,prune_layer=0", r"there is no layer before it; prune_layer .*: \[1, 2, 3\]"),
+        ("method=fastv,keep_ratio=0.5,withdraw_layer=2", r"withdraw_layer=2 with method=fastv"),
         ("method=random", r"method=random needs one of keep_ratio .* and match_withdraw_layer"),
         ("method=random,keep_ratio=0.5,match_withdraw_layer=3", r"method=random needs one of keep_ratio"),
         ("method=random,match_withdraw_layer=1", r"match_withdraw_layer=1 is not accepted; use an integer from 2"),
@@ -39,9 +43,9 @@ def random_backend(path, batch_size=1, seed=0, tmp=None, **kwargs):
         ("method=random,keep_ratio=0.5,prune_layer=4", r"prune_layer=4 is not accepted; use an integer from 0 to 3"),
         ("method=random,keep_ratio=0.5,withdraw_layer=auto", r"withdraw_layer='auto' with method=random"),
         ("method=random,keep_ratio=0.5,withdraw_layer=2", r"withdraw_layer=2 with method=random"),
-        ("keep_ratio=0.5", r"keep_ratio choose the subset of method=random; with method=vtw"),
-        ("withdraw_layer=2,seed=3", r"seed choose the subset of method=random"),
-        ("match_withdraw_layer=2", r"match_withdraw_layer choose the subset of method=random"),
+        ("keep_ratio=0.5", r"keep_ratio choose the subset of method=random or fastv; with method=vtw"),
+        ("withdraw_layer=2,seed=3", r"seed choose the subset of method=random or fastv"),
+        ("match_withdraw_layer=2", r"match_withdraw_layer choose the subset of method=random or fastv"),
     ],
 )
 def test_arguments_are_checked_together(tiny_llava_path, model_args, message):
@@ -68,7 +72,7 @@ def test_other_seeds_keep_other_tokens_and_give_other_logits(tiny_llava_path):
     visual_mask[0, 5:37] = True
     subsets = []
     for seed in (0, 1):
-        selector = RandomVisualSubset(seed, keep_ratio=0.5)
+        selector = RandomVisualSubset(seed, VisualCount(0.5))
         selector.rows = [("tiny", 3)]
         subsets.append(selector(visual_mask, None, None))
         assert int((subsets[-1] & visual_mask).sum()) == 16 and subsets[-1][~visual_mask].all()
@@ -157,3 +161,54 @@ def test_matched_compute_records_vtws_flops_and_the_real_cache(tiny_llava_path, 
         decoder = sum(sum(flops[name].values()) for name in flops if re.search(r"language_model\.layers\.\d+$", name))
         assert decoder == geometry.prefill_flops(n, removed, 1) == record["prefill_flops_vtw"]
     assert 0 < kept_counts[0] < 16 and kept_counts[2] > kept_counts[0]  # a share of the visual tokens stays
+
+
+def fastv_backend(path, tmp, **kwargs):
+    lm = VTWLlava(pretrained=str(path), device="cpu", method="fastv", accounting_file=f"{tmp}/fastv.jsonl", **kwargs)
+    lm.task_dict = {"tiny": {"test": docs()}}
+    return lm
+
+
+def test_fastv_records_its_flops_with_the_ranking_and_the_real_cache(tiny_llava_path, tmp_path):
+    """Through the backend (eager attention, so that torch's counter sees every product): each
+    request's decoder prefill FLOPs, the ranking's extra pass over layer prune_layer - 1 included,
+    equal torch's count; its cache bytes the real cache's; it keeps round(keep_ratio * n) tokens."""
+    import re
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vtw_eval.engine import cache_bytes, cache_in
+
+    lm = fastv_backend(tiny_llava_path, tmp_path, keep_ratio=0.25, prune_layer=2, attn_implementation="eager")
+    caches = []
+    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_in(kw)), with_kwargs=True)
+    for request in [generation_requests()[doc] for doc in (0, 3)]:  # one image (16 tokens), two
+        lm.generate_until([request])
+        record = json.loads((tmp_path / "fastv.jsonl").read_text().splitlines()[-1])
+        assert (record["method"], record["prune_layer"], record["keep_ratio"]) == ("fastv", 2, 0.25)
+        assert "seed" not in record and record["kv_cache_bytes_vtw"] == cache_bytes(caches[-1])
+        n, visual = record["prompt_tokens"], record["visual_tokens"]
+        assert record["kept_tokens"] == n - (visual - round(0.25 * visual))
+        assert record["prefill_flops_scoring"] == lm.geometry.last_query_scoring_flops(n) > 0
+        with FlopCounterMode(display=False, depth=10) as counter, torch.no_grad():
+            lm.model(**lm.batch_inputs([Request.of(request)]), use_cache=False, logits_to_keep=1)
+        flops = counter.get_flop_counts()
+        decoder = sum(sum(flops[name].values()) for name in flops if re.search(r"language_model\.layers\.\d+$", name))
+        assert decoder == record["prefill_flops_vtw"]
+        assert record["prefill_flops_scoring"] < 0.05 * record["prefill_flops_vtw"]  # the ranking is cheap
+
+
+@pytest.mark.cli
+def test_fastv_through_the_cli_records_and_label(tiny_llava_path, tmp_path):
+    accounting = tmp_path / "requests.jsonl"
+    results_file = run_lmms_eval(
+        "vtw_llava",
+        f"pretrained={tiny_llava_path},device=cpu,method=fastv,match_withdraw_layer=3,prune_layer=1,"
+        f"accounting_file={accounting}",
+        "vtw_tiny_mme", tmp_path, "--batch_size", "4",
+    )  # fmt: skip
+    records = [json.loads(line) for line in accounting.read_text().splitlines()]
+    assert len(records) == 16 and {(r["method"], r["match_withdraw_layer"], r["withdraw_layer"]) for r in records} == {
+        ("fastv", 3, 1)
+    }
+    assert load_run(results_file).label == "vtw_llava fastv p=1 matched K=3"

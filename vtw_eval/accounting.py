@@ -116,9 +116,12 @@ class RequestAccounting:
         removed_tokens = removed_tokens or visual_tokens
         rows = zip(requests, prompt_tokens, visual_tokens, generated_tokens, image_tokens, removed_tokens)
         for (task, doc_id), n, visual, generated, images, removed in rows:
+            # FastV ranks the visual tokens by one more pass over layer prune_layer - 1's keys
+            ranked = self.method["method"] == "fastv" and visual > 0
+            scoring = self.geometry.last_query_scoring_flops(n) if ranked else 0
             figures = request_figures(
                 self.geometry, n, visual, generated, withdraw_layer, self.kv_dtype_bytes, self.whole_model, images,
-                removed,
+                removed, scoring,
             )  # fmt: skip
             self.records.append(
                 {

@@ -71,6 +71,25 @@ class Architecture:
         return kinds
 
 
+@dataclass(frozen=True)
+class QueryKeyRecipe:
+    """How a text model's attention makes its queries and keys from its input, beyond ``q_proj``,
+    ``k_proj`` and its modeling module's ``apply_rotary_pos_emb`` (read from transformers' modeling
+    files): per-head RMS norms on both (``q_norm``, ``k_norm``), and an output gate packed beside each
+    head's query in ``q_proj`` (Qwen3.5). FastV recomputes the last query's attention from these."""
+
+    query_key_norms: bool = False
+    gated_queries: bool = False
+
+
+# By the text config's model_type: the language models the adapters serve.
+QUERY_KEY_RECIPES = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text"), QueryKeyRecipe()),
+    **dict.fromkeys(("qwen3", "qwen3_vl_text", "qwen3_vl_moe_text", "gemma3_text"), QueryKeyRecipe(True)),
+    **dict.fromkeys(("qwen3_5_text", "qwen3_5_moe_text"), QueryKeyRecipe(True, gated_queries=True)),
+}
+
+
 def layer_types(text_config) -> list[str]:
     """Each decoder layer's entry in ``config.layer_types`` (``full_attention``,
     ``sliding_attention``, ``linear_attention``, ...); a config without that list has every layer

@@ -192,6 +192,13 @@ class DecoderGeometry:
         q_out = 2 * q if self.attention_output_gate else q
         return 2 * d * (q_out + q + 2 * kv) + self.mlp_flops(layer)
 
+    def last_query_scoring_flops(self, num_tokens: int) -> int:
+        """FastV's ranking in one attention layer: the last position's query and every key projected
+        again, and the query against every key (vtw_eval.methods.last_query_attention)."""
+        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_out = 2 * q if self.attention_output_gate else q
+        return 2 * d * q_out + 2 * num_tokens * d * kv + 2 * num_tokens * q
+
     def pair_flops(self) -> int:
         """One (query, key) pair in one attention layer."""
         return 2 * 2 * self.num_heads * self.head_dim
@@ -296,6 +303,7 @@ def request_figures(
     whole: "WholeModel | Qwen2VLWholeModel | None" = None,
     image_tokens: list[int] | None = None,
     num_removed: int | None = None,
+    scoring_flops: int = 0,
 ) -> dict:
     """One request's token counts, prefill FLOPs and final KV-cache bytes, baseline and VTW.
 
@@ -303,13 +311,14 @@ def request_figures(
     generated token but the last (which is returned, never fed back). ``num_removed`` is what the
     row really withdrew at K (VTW: every visual token, the default). With ``whole`` and the visual
     tokens of each image (``image_tokens``; all of ``num_visual``, no video, all withdrawn), also
-    the whole forward's figures.
+    the whole forward's figures. ``scoring_flops``: what choosing the subset cost (FastV's ranking),
+    part of the withdrawn prefill.
     """
     k = geometry.num_layers if withdraw_layer is None else withdraw_layer
     num_removed = num_visual if num_removed is None else num_removed
     cached = num_tokens + max(generated - 1, 0)
     baseline_flops = geometry.prefill_flops(num_tokens, num_removed, None)
-    vtw_flops = geometry.prefill_flops(num_tokens, num_removed, k)
+    vtw_flops = geometry.prefill_flops(num_tokens, num_removed, k) + scoring_flops
     baseline_kv = geometry.kv_cache_bytes(cached, num_removed, None, dtype_bytes)
     vtw_kv = geometry.kv_cache_bytes(cached, num_removed, k, dtype_bytes)
     whole_counted = whole is not None and image_tokens is not None and sum(image_tokens) == num_visual == num_removed
@@ -326,6 +335,7 @@ def request_figures(
         "prefill_flops_baseline": baseline_flops,
         "prefill_flops_vtw": vtw_flops,
         "prefill_flops_saved": 1 - vtw_flops / baseline_flops,
+        **({"prefill_flops_scoring": scoring_flops} if scoring_flops else {}),
         "kv_cache_bytes_baseline": baseline_kv,
         "kv_cache_bytes_vtw": vtw_kv,
         "kv_cache_saved": 1 - vtw_kv / baseline_kv,

@@ -173,6 +173,17 @@ class KeepSelector(Protocol):
     ) -> torch.Tensor: ...
 
 
+class AttentionObserver(Protocol):
+    """A keep selector that ranks by an earlier layer's attention (FastV): the engine calls
+    ``observe_attention(attention_module, inputs)`` during each prefill with visual tokens, with the
+    keyword inputs of decoder layer ``attention_layer``'s attention module (its normed
+    ``hidden_states``, ``position_embeddings``, ``attention_mask``), before the first withdrawn layer."""
+
+    attention_layer: int
+
+    def observe_attention(self, attention: nn.Module, inputs: dict) -> None: ...
+
+
 # The layer types of ``config.layer_types`` whose masks are causal over the KV cache, by the
 # transformers function that builds them; a recurrent type maps to the 2D padding mask.
 ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -207,6 +218,7 @@ class VisualTokenWithdrawal:
         self.layer_kinds = architecture.layer_kinds(model)  # refuses a type it cannot mask
         self.num_layers = len(self.language_model.layers)
         self.visual_token_ids = architecture.visual_token_ids(model.config)
+        self._observer_handle = None
         self.keep_selector = keep_selector
         self.withdraw_layer = withdraw_layer
         self.plan: WithdrawalPlan | None = None  # of the current batch; None when nothing is withdrawn
@@ -229,6 +241,26 @@ class VisualTokenWithdrawal:
                 self._handles.append(layer.register_forward_hook(self._make_injection_hook(index)))
 
     @property
+    def keep_selector(self) -> KeepSelector | None:
+        return self._keep_selector
+
+    @keep_selector.setter
+    def keep_selector(self, selector: KeepSelector | None) -> None:
+        """A selector that observes an earlier layer's attention gets a hook on that attention module."""
+        if self._observer_handle is not None:
+            self._observer_handle.remove()
+            self._observer_handle = None
+        self._keep_selector = selector
+        layer = getattr(selector, "attention_layer", None)
+        if layer is not None:
+            attention = self.language_model.layers[layer].self_attn
+            self._observer_handle = attention.register_forward_pre_hook(self._observe_attention, with_kwargs=True)
+
+    def _observe_attention(self, module, args, kwargs):
+        if self._visual_mask is not None and self._prefill and self.active:
+            self._keep_selector.observe_attention(module, kwargs)
+
+    @property
     def withdraw_layer(self) -> int | None:
         return self._withdraw_layer
 
@@ -245,6 +277,7 @@ class VisualTokenWithdrawal:
         return self._withdraw_layer is not None and self._withdraw_layer < self.num_layers
 
     def remove(self) -> None:
+        self.keep_selector = None
         for handle in self._handles:
             handle.remove()
         self._handles = []

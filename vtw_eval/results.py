@@ -106,11 +106,18 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
 
 
 def default_label(run: Run, model: str) -> str:
-    """The backend, and how it withdrew: ``K=16`` (VTW), or ``random p=2 keep=0.25 seed=0``."""
+    """The backend, and how it withdrew: ``K=16`` (VTW), ``random p=2 keep=0.25 seed=0``, or
+    ``fastv p=2 matched K=8``."""
     args = model_arguments(run)
-    if args.get("method", "vtw") != "vtw":
-        settings = f"p={args.get('prune_layer', 2)} keep={args.get('keep_ratio')} seed={args.get('seed', 0)}"
-        return f"{model} {args['method']} {settings}"
+    method = args.get("method", "vtw")
+    if method != "vtw":
+        share = (
+            f"matched K={args['match_withdraw_layer']}"
+            if "match_withdraw_layer" in args
+            else f"keep={args.get('keep_ratio')}"
+        )
+        seed = f" seed={args.get('seed', 0)}" if method == "random" else ""
+        return f"{model} {method} p={args.get('prune_layer', 2)} {share}{seed}"
     return model + (f" K={args['withdraw_layer']}" if "withdraw_layer" in args else "")
 
 

@@ -40,7 +40,7 @@ from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
 from vtw_eval.backends.calibrating import calibration_answers, task_kl
 from vtw_eval.backends.generation import StopAtStrings, generation_settings, prompt_lengths, tokens_to_first_eos
-from vtw_eval.backends.loading import load_model_and_processor
+from vtw_eval.backends.loading import load_config, load_model_and_processor
 from vtw_eval.backends.processes import Processes
 from vtw_eval.backends.requests import Request
 from vtw_eval.backends.visuals import VIDEO_EXTENSIONS, Visual
@@ -107,15 +107,16 @@ class VTWBackend(lmms):
             self.processes.rank,
             self.processes.world_size,
         )
+        config = load_config(type(self).__name__, self.model_classes, pretrained, revision, trust_remote_code)
+        self.method = Method.from_arguments(  # before the weights load: a refusal costs nothing
+            method, prune_layer, keep_ratio, seed, match_withdraw_layer, withdraw_layer, config.get_text_config()
+        )
         self._model, self.processor, self._device = load_model_and_processor(
-            type(self).__name__, self.model_classes, pretrained, self.processes.device(device, device_map), revision,
+            self.model_classes[config.model_type], pretrained, self.processes.device(device, device_map), revision,
             arguments.one_of("dtype", dtype, DTYPES), trust_remote_code, attn_implementation, device_map,
         )  # fmt: skip
         self.tokenizer = self.processor.tokenizer
         self.withdrawal = VisualTokenWithdrawal(self._model, None, self.architecture)
-        self.method = Method.from_arguments(
-            method, prune_layer, keep_ratio, seed, match_withdraw_layer, withdraw_layer, self.withdrawal.num_layers
-        )
         self.geometry = DecoderGeometry.from_config(self._model.config)
         self.withdrawal.keep_selector = self.method.keep_selector(self.geometry)
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))

@@ -8,9 +8,25 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 
+def load_config(
+    backend: str, model_classes: dict[str, type], pretrained: str, revision: str = "main", trust_remote_code=False
+):
+    """The checkpoint's config (nothing heavy loaded yet), if an adapter's ``model_classes`` serve its
+    ``model_type`` (``backend`` names the adapter in refusals)."""
+    if not Path(pretrained).expanduser().is_dir() and (
+        pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
+    ):
+        raise ValueError(f"pretrained={pretrained!r} is not accepted: no such directory, and not a hub id (org/name)")
+    config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+    if config.model_type not in model_classes:
+        raise ValueError(
+            f"pretrained={pretrained!r} is a {config.model_type!r} model; {backend} serves {sorted(model_classes)}"
+        )
+    return config
+
+
 def load_model_and_processor(
-    backend: str,
-    model_classes: dict[str, type],
+    model_class: type,
     pretrained: str,
     device: torch.device,
     revision: str = "main",
@@ -19,20 +35,9 @@ def load_model_and_processor(
     attn_implementation: str | None = None,
     device_map: str | None = None,
 ) -> tuple[torch.nn.Module, object, torch.device]:
-    """The model (of a class in ``model_classes``, by ``config.model_type``; ``backend`` names the
-    adapter in refusals) in eval mode on ``device`` or split by ``device_map``, its processor with a
-    left-padding tokenizer (batched generation continues every row at the right end), and where
-    inputs go (with ``device_map``, the first layer's device)."""
-    if not Path(pretrained).expanduser().is_dir() and (
-        pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
-    ):
-        raise ValueError(f"pretrained={pretrained!r} is not accepted: no such directory, and not a hub id (org/name)")
-    config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-    model_class = model_classes.get(config.model_type)
-    if model_class is None:
-        raise ValueError(
-            f"pretrained={pretrained!r} is a {config.model_type!r} model; {backend} serves {sorted(model_classes)}"
-        )
+    """The model (of ``model_class``) in eval mode on ``device`` or split by ``device_map``, its
+    processor with a left-padding tokenizer (batched generation continues every row at the right
+    end), and where inputs go (with ``device_map``, the first layer's device)."""
     load_kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
