@@ -88,6 +88,81 @@ def timed(call, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def compare_methods(model, inputs: dict, withdrawal, geometry, layers: list[int], args, device) -> None:
+    """Prefill seconds of VTW at each K and of random and FastV withdrawing from ``--prune-layer``
+    with the compute of VTW at that K (interleaved, median [min, max]), each against the analytic
+    limit (baseline FLOPs over the method's, FastV's ranking included); then FastV's ranking alone."""
+    from vtw_eval.methods import Method, last_query_attention
+
+    num_tokens = inputs["input_ids"].shape[1]
+    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    text_config = model.config.get_text_config()
+    configs = [("baseline", None, None)]
+    for k in layers:
+        if k < args.prune_layer:
+            continue  # matching needs K >= prune_layer
+        configs.append(("vtw", k, None))
+        for name in ("random", "fastv"):
+            method = Method.from_arguments(name, args.prune_layer, None, None, k, None, text_config)
+            selector = method.keep_selector(geometry)
+            selector.rows = [("bench", 0)]
+            configs.append((name, k, selector))
+    captured = {}
+
+    def capture(module, hook_args, kwargs):
+        captured.update(module=module, inputs=dict(kwargs))
+
+    attention = language_model_of(model).layers[args.prune_layer - 1].self_attn
+    handle = attention.register_forward_pre_hook(capture, with_kwargs=True)
+    prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
+    timed(prefill, device)  # warm-up, and the scoring layer's inputs
+    handle.remove()
+    recipe = Method.from_arguments("fastv", args.prune_layer, 0.5, None, None, None, text_config).recipe
+    score = lambda: last_query_attention(  # noqa: E731
+        captured["module"], captured["inputs"]["hidden_states"], captured["inputs"]["position_embeddings"],
+        captured["inputs"].get("attention_mask"), recipe,
+    )  # fmt: skip
+    times = {index: [] for index in range(len(configs))}
+    scoring, removed = [], {}
+    for _ in tqdm(range(args.repeats), desc="interleaved repeats"):
+        for index, (name, k, selector) in enumerate(configs):
+            withdrawal.keep_selector, withdrawal.withdraw_layer = selector, (None if name == "baseline" else k)
+            if name in ("random", "fastv"):
+                withdrawal.withdraw_layer = args.prune_layer
+            times[index].append(timed(prefill, device))
+            removed[index] = int(withdrawal.plan.num_removed.sum()) if withdrawal.plan is not None else 0
+        withdrawal.keep_selector, withdrawal.withdraw_layer = None, None
+        scoring.append(timed(score, device))
+    baseline_flops = geometry.prefill_flops(num_tokens, num_visual, None)
+    baseline_s = statistics.median(times[0])
+    rows = []
+    for index, (name, k, _) in enumerate(configs):
+        layer = None if name == "baseline" else (k if name == "vtw" else args.prune_layer)
+        flops = geometry.prefill_flops(num_tokens, removed[index], layer)
+        flops += geometry.last_query_scoring_flops(num_tokens) if name == "fastv" else 0
+        measured, analytic = baseline_s / statistics.median(times[index]), baseline_flops / flops
+        rows.append(
+            [
+                name,
+                k,
+                removed[index],
+                spread(times[index]),
+                f"{measured:.2f}",
+                f"{analytic:.2f}",
+                f"{measured / analytic:.2f}",
+            ]
+        )
+    overhead = statistics.median(scoring) / baseline_s
+    rows.append(["fastv ranking alone", "", "", spread(scoring, 4), "", "", f"{overhead:.2%} of a baseline prefill"])
+    print(
+        f"{args.architecture}: {device.type}, {args.dtype}; {geometry.num_layers} layers, d={geometry.hidden_size}; "
+        f"{num_tokens} prompt tokens ({num_visual} visual); random and FastV from layer {args.prune_layer}; "
+        f"median [min, max] of {args.repeats} interleaved repeats"
+    )
+    headers = ["method", "compute of K", "tokens withdrawn", "prefill s", "speedup", "analytic (decoder)", "ratio"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+
+
 def spread(values: list[float], digits: int = 3) -> str:
     """Median [min, max]."""
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
@@ -203,6 +278,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="the larger batch whose decoding is also timed")
     parser.add_argument("--batch-repeats", type=int, default=3, help="repeats at --batch (its prefills are long)")
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument(
+        "--method",
+        action="store_true",
+        help="instead: prefill of VTW, random and FastV at the compute of each K (matched per prompt), against "
+        "the analytic limit, and FastV's ranking on its own line",
+    )
+    parser.add_argument("--prune-layer", type=int, default=2, help="with --method: where random and FastV withdraw")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if gpu else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -236,6 +318,9 @@ def main(argv=None) -> None:
     num_tokens = inputs["input_ids"].shape[1]
     num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     configs = [None] + [int(k) for k in args.withdraw_layers.split(",")]
+    if args.method:
+        compare_methods(model, inputs, withdrawal, geometry, configs[1:], args, device)
+        return
 
     # The parts a prefill at K is made of, timed on the unmodified model: the vision tower and
     # projector alone, and a text-only prompt of the kept tokens (every layer at the kept length).

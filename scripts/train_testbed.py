@@ -1,6 +1,7 @@
 """Train the testbed LLaVA on CPU (seeded, reproducible) and save it with its manifest.
 
 python scripts/train_testbed.py --out testbed/model
+python scripts/train_testbed.py --out testbed/model_method_blind --method-blind   # never trained under withdrawal
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--examples-per-task", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--method-blind",
+        action="store_true",
+        help="no step withdraws visual tokens (and so no withdrawal loss): the same recipe, blind to VTW",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
-    manifest = train_and_save(args.out, args.steps, args.examples_per_task, args.seed)
+    share = 0.0 if args.method_blind else 0.5
+    manifest = train_and_save(args.out, args.steps, args.examples_per_task, args.seed, withdrawal_share=share)
     print(json.dumps(manifest, indent=2))
 
 

@@ -193,14 +193,18 @@ def train(
     return losses
 
 
-def train_and_save(out: str | Path, steps: int, examples_per_task: int, seed: int = 0) -> dict:
-    """Build, train and save the testbed with a manifest of how it was made."""
+def train_and_save(
+    out: str | Path, steps: int, examples_per_task: int, seed: int = 0, withdrawal_share: float = 0.5
+) -> dict:
+    """Build, train and save the testbed with a manifest of how it was made. ``withdrawal_share=0``
+    gives the method-blind testbed: the same data, steps and seed, never trained under withdrawal."""
     start = time.time()
     examples = training_examples(examples_per_task, seed)
     model, processor = build_testbed(examples, seed)
     losses = train(
-        model, processor, examples, steps, CURRICULUM, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, seed=seed
-    )
+        model, processor, examples, steps, CURRICULUM, withdrawal_share=withdrawal_share, batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE, seed=seed,
+    )  # fmt: skip
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -208,6 +212,7 @@ def train_and_save(out: str | Path, steps: int, examples_per_task: int, seed: in
         "seed": seed,
         "steps": steps,
         "curriculum": [[stage_steps, list(tasks)] for stage_steps, tasks in CURRICULUM],
+        "withdrawal_share": withdrawal_share,
         "batch_size": BATCH_SIZE,
         "learning_rate": LEARNING_RATE,
         "examples_per_task": examples_per_task,
