@@ -29,7 +29,7 @@ from vtw_eval.plots import save_png
 from vtw_eval.results import load_run
 from vtw_eval.run import REPO_ROOT, run_lmms_eval
 from vtw_eval.tasks import TASKS_DIR
-from vtw_eval.testbed.hub_cache import TASK_NAMES, hub_environment
+from vtw_eval.testbed.hub_cache import TASK_NAMES, written_hub_environment
 from vtw_eval.testbed.tasks import CHANCE, check_claims
 
 UNTESTED_IN_DEMO = ("coco2017_cap_val",)
@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="docs per task (a quick check); default all")
     parser.add_argument("--hf-home", default=str(REPO_ROOT / "results" / "hf_home"), help="the testbed's cache")
     args = parser.parse_args(argv)
-    env = hub_environment(args.hf_home)
-    if not (Path(env["HF_DATASETS_CACHE"]) / "lmms-lab-encoder___mme").is_dir():
-        parser.error(f"--hf-home {args.hf_home}: no testbed cache there; run `make testbed-cache` first")
+    try:
+        env = written_hub_environment(args.hf_home)
+    except ValueError as error:
+        parser.error(str(error))
     out = Path(args.out)
     tasks = ",".join(TASK_NAMES)
     common = f"pretrained={args.model},device=cpu,calibration_dir={out / 'calibration'}"

@@ -92,3 +92,12 @@ def hub_environment(hf_home: str | Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     }
+
+
+def written_hub_environment(hf_home: str | Path) -> dict[str, str]:
+    """``hub_environment`` of a cache that ``make testbed-cache`` has written; a ValueError naming
+    ``--hf-home`` and the command otherwise (before any lmms-eval run)."""
+    env = hub_environment(hf_home)
+    if not (Path(env["HF_DATASETS_CACHE"]) / "lmms-lab-encoder___mme").is_dir():
+        raise ValueError(f"--hf-home {hf_home}: no testbed cache there; run `make testbed-cache` first")
+    return env
