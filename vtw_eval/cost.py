@@ -109,6 +109,9 @@ class Experts:
         return 2 * d * self.num_experts + self.experts_per_token * 2 * 3 * d * self.expert_intermediate + shared
 
 
+NO_RECIPE = architecture.QueryKeyRecipe()  # a text model FastV does not know: plain projections
+
+
 @dataclass(frozen=True)
 class DecoderGeometry:
     num_layers: int
@@ -162,7 +165,7 @@ class DecoderGeometry:
             num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
             layer_types=layer_types,
-            attention_output_gate=text.model_type in ("qwen3_5_text", "qwen3_5_moe_text"),
+            attention_output_gate=architecture.QUERY_KEY_RECIPES.get(text.model_type, NO_RECIPE).gated_queries,
             linear_attention=linear,
             experts=experts,
             expert_layers=expert_layers,
