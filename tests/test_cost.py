@@ -337,6 +337,9 @@ def test_qwen3_whole_model_flops_equal_torchs_flop_counter(tmp_path, family):
     model = AutoModelForImageTextToText.from_pretrained(
         path, attn_implementation="eager", experts_implementation="eager"
     ).eval()
+    # transformers 5.25 hands Qwen3.5's conv1d weight to a function as an input: the counter's
+    # module tracker then hooks the gradient of a leaf parameter and fails (torch asserts a grad_fn).
+    model.requires_grad_(False)
     processor = AutoProcessor.from_pretrained(path)
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Is there a red square ? " * 12}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
