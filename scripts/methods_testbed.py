@@ -78,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-layer", type=int, default=1)
     parser.add_argument("--limit", type=int, help="docs per task (a quick check); default all")
     parser.add_argument("--hf-home", default=str(REPO_ROOT / "results" / "hf_home"), help="the testbed's cache")
+    parser.add_argument("--replot", action="store_true", help="only redraw table and plot from --out's methods.json")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        record = json.loads((out / "methods.json").read_text())
+        write_atomically(out / "table.md", (comparison_table(record) + "\n").encode())
+        draw(record, out / "methods.png")
+        return 0
     try:
         env = written_hub_environment(args.hf_home)
     except ValueError as error:
@@ -177,6 +184,8 @@ def draw(record: dict, path: Path) -> None:
     mass_axis = kl_axis.twinx()
     mass_axis.plot(record["attention_mass_on_visual"], marker="x", color="purple", label="attention on visual")
     mass_axis.set_ylim(0, 1)
+    kl_axis.set_ylabel("mean KL at K (black)", fontsize=8)
+    mass_axis.set_ylabel("last token's attention on visual tokens,\nper layer (purple)", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
     save_png(figure, path, tight_rect=(0, 0.05, 1, 1))
