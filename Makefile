@@ -75,9 +75,9 @@ gpu-check: install
 # lmms-eval, no network) lacks for the GPU check, at the lock's versions, as wheels in .whl/ (about
 # 20 MiB) for scripts/gpu_check_image.sh. Found by running the check on CPU in a venv holding only
 # the image's packages (docs/gpu-check.md). COCO's pycocoevalcap (100 MB) is left out.
-GPU_WHEELS := transformers lmms-eval datasets dill multiprocess evaluate filelock loguru pytz tenacity \
-	qwen-vl-utils openpyxl et-xmlfile pytablewriter dataproperty mbstrdecoder pathvalidate tabledata tcolorpy \
-	typepy chardet
+GPU_WHEELS := transformers kernels tomlkit lmms-eval datasets dill multiprocess evaluate filelock loguru pytz \
+	tenacity qwen-vl-utils openpyxl et-xmlfile pytablewriter dataproperty mbstrdecoder pathvalidate tabledata \
+	tcolorpy typepy chardet
 gpu-wheels:
 	@for name in $(GPU_WHEELS); do grep -qi "^$$name==" requirements.lock || { echo "$$name is not in requirements.lock" >&2; exit 1; }; done
 	rm -rf .whl
