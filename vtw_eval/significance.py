@@ -284,7 +284,9 @@ class Aggregations:
                 f"task {task}: not in lmms-eval's task index, so its aggregation functions are unknown "
                 "(a task of your own: pass its folder as --include_path)"
             )
-        return self._index._get_config(task)
+        from lmms_eval.utils import load_yaml_config
+
+        return load_yaml_config(yaml_path=self._index.task_index[task]["yaml_path"])  # its !function entries resolved
 
 
 def _quiet(function: Callable) -> Aggregate:
