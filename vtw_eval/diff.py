@@ -35,7 +35,6 @@ from vtw_eval.results import (
     load_run,
     model_arguments,
     number,
-    read_samples,
     sample_answers,
     samples_file,
 )
@@ -207,9 +206,8 @@ def add_significance(
     Holm's correction runs over each candidate's gated rows. Returns notes (docs only in one run,
     rows not tested and why)."""
     tasks = list(dict.fromkeys(row["task"] for row in rows))
-    missing = [
-        f"{samples_file(run, task)} ({run.label})" for task in tasks for run in runs if read_samples(run, task) is None
-    ]
+    files = [(samples_file(run, task), run.label) for task in tasks for run in runs]
+    missing = [f"{path} ({label})" for path, label in files if not path.exists()]
     if missing:  # before any test: a partial table would pass for a whole one
         raise ValueError(
             "--significance needs lmms-eval's samples files (run lmms-eval with --log_samples); missing: "
