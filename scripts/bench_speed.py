@@ -97,16 +97,16 @@ def compare_methods(model, inputs: dict, withdrawal, geometry, layers: list[int]
     num_tokens = inputs["input_ids"].shape[1]
     num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     text_config = model.config.get_text_config()
-    configs = [("baseline", None, None)]
+    configs = [("baseline", None, None, None)]  # (method, compute of K, the engine's withdraw layer, selector)
     for k in layers:
         if k < args.prune_layer:
             continue  # matching needs K >= prune_layer
-        configs.append(("vtw", k, None))
+        configs.append(("vtw", k, k, None))
         for name in ("random", "fastv"):
             method = Method.from_arguments(name, args.prune_layer, None, None, k, None, text_config)
             selector = method.keep_selector(geometry)
             selector.rows = [("bench", 0)]
-            configs.append((name, k, selector))
+            configs.append((name, k, args.prune_layer, selector))
     captured = {}
 
     def capture(module, hook_args, kwargs):
@@ -117,7 +117,7 @@ def compare_methods(model, inputs: dict, withdrawal, geometry, layers: list[int]
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
     timed(prefill, device)  # warm-up, and the scoring layer's inputs
     handle.remove()
-    recipe = Method.from_arguments("fastv", args.prune_layer, 0.5, None, None, None, text_config).recipe
+    recipe = next(selector.recipe for name, _, _, selector in configs if name == "fastv")
     score = lambda: last_query_attention(  # noqa: E731
         captured["module"], captured["inputs"]["hidden_states"], captured["inputs"]["position_embeddings"],
         captured["inputs"].get("attention_mask"), recipe,
@@ -125,10 +125,8 @@ def compare_methods(model, inputs: dict, withdrawal, geometry, layers: list[int]
     times = {index: [] for index in range(len(configs))}
     scoring, removed = [], {}
     for _ in tqdm(range(args.repeats), desc="interleaved repeats"):
-        for index, (name, k, selector) in enumerate(configs):
-            withdrawal.keep_selector, withdrawal.withdraw_layer = selector, (None if name == "baseline" else k)
-            if name in ("random", "fastv"):
-                withdrawal.withdraw_layer = args.prune_layer
+        for index, (_, _, layer, selector) in enumerate(configs):
+            withdrawal.keep_selector, withdrawal.withdraw_layer = selector, layer
             times[index].append(timed(prefill, device))
             removed[index] = int(withdrawal.plan.num_removed.sum()) if withdrawal.plan is not None else 0
         withdrawal.keep_selector, withdrawal.withdraw_layer = None, None
@@ -136,8 +134,7 @@ def compare_methods(model, inputs: dict, withdrawal, geometry, layers: list[int]
     baseline_flops = geometry.prefill_flops(num_tokens, num_visual, None)
     baseline_s = statistics.median(times[0])
     rows = []
-    for index, (name, k, _) in enumerate(configs):
-        layer = None if name == "baseline" else (k if name == "vtw" else args.prune_layer)
+    for index, (name, k, layer, _) in enumerate(configs):
         flops = geometry.prefill_flops(num_tokens, removed[index], layer)
         flops += geometry.last_query_scoring_flops(num_tokens) if name == "fastv" else 0
         measured, analytic = baseline_s / statistics.median(times[index]), baseline_flops / flops
