@@ -61,16 +61,21 @@ def build_tiny_llava(
     attn_implementation: str = "sdpa",
     any_resolution: bool = False,
     sliding_window: tuple[str, int] | None = None,
+    text_width: int = 64,
 ) -> Path:
     """A LlavaForConditionalGeneration (LLaVA-1.5) with random weights, saved with its processor;
     with ``any_resolution`` a LlavaNextForConditionalGeneration (tiles and image-newline tokens).
     ``sliding_window`` gives it a decoder with a sliding window of that many tokens: ("mistral", w)
-    on every layer, ("qwen2", w) on the layers from 2 on (Qwen2's max_window_layers)."""
+    on every layer, ("qwen2", w) on the layers from 2 on (Qwen2's max_window_layers). ``text_width``:
+    the text model's width (4 heads, 2 key/value heads; 128 gives vLLM's head size 32)."""
     from transformers import MistralConfig, Qwen2Config
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_config = tiny_text_config(len(tokenizer), num_layers)
+    if text_width != text_config.hidden_size:
+        text_config.hidden_size, text_config.intermediate_size = text_width, 2 * text_width
+        text_config.head_dim = text_width // text_config.num_attention_heads
     if sliding_window is not None:
         family, window = sliding_window
         fields = {k: v for k, v in text_config.to_dict().items() if k not in ("model_type", "layer_types")}
@@ -170,27 +175,31 @@ def qwen_tokenizer():
     )
 
 
-def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_qwen2_vl(
+    path: str | Path, version: str = "2", num_layers: int = 4, seed: int = 0, text_width: int = 64
+) -> Path:
     """A Qwen2VLForConditionalGeneration (``version="2"``) or Qwen2_5_VL one ("2.5"): multimodal
-    rotary positions (3-row position ids), image and video pad tokens."""
+    rotary positions (3-row position ids), image and video pad tokens. ``text_width``: the text
+    model's width (4 heads; 128 gives vLLM's head size 32, with the rotary sections doubled)."""
     import transformers
 
     torch.manual_seed(seed)
     tokenizer, token_ids = qwen_tokenizer()
     text = dict(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        # the sections split half a head's dimensions: 8 of 16, or 16 of 32
+        rope_parameters={"rope_type": "default", "mrope_section": [s * text_width // 64 for s in (2, 3, 3)], "rope_theta": 10000.0},
     )
     if version == "2":
-        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        vision = dict(depth=1, embed_dim=32, hidden_size=text_width, num_heads=2, mlp_ratio=2)
         names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
     elif version == "2.5":
         vision = dict(
@@ -198,7 +207,7 @@ def build_tiny_qwen2_vl(path: str | Path, version: str = "2", num_layers: int = 
             hidden_size=32,
             intermediate_size=64,
             num_heads=2,
-            out_hidden_size=64,
+            out_hidden_size=text_width,
             fullatt_block_indexes=[0],
             window_size=56,
         )

@@ -87,10 +87,11 @@ def default_accounting_file(stem: str, rank: int, output_path: str | None) -> Pa
 class RequestAccounting:
     """Owns the per-request records of one ``generate_until`` call, their file and the report."""
 
-    def __init__(self, model: torch.nn.Module, path: Path, method: dict | None = None):
-        self.geometry = DecoderGeometry.from_config(model.config)
-        self.whole_model = whole_model_of(model.config)  # None where the tower is not modelled
-        self.kv_dtype_bytes = torch.finfo(model.dtype).bits // 8
+    def __init__(self, config, dtype: torch.dtype, path: Path, method: dict | None = None):
+        """``config``: the model's transformers config; ``dtype``: what its KV cache holds."""
+        self.geometry = DecoderGeometry.from_config(config)
+        self.whole_model = whole_model_of(config)  # None where the tower is not modelled
+        self.kv_dtype_bytes = torch.finfo(dtype).bits // 8
         self.path = path
         self.method = method or {"method": "vtw"}  # what each record says about how it withdrew
         self.records: list[dict] = []
@@ -107,10 +108,12 @@ class RequestAccounting:
         timer: CallTimer,
         image_tokens: list[list[int]] | None = None,
         removed_tokens: list[int] | None = None,
+        batch_size: int | None = None,
     ) -> None:
         """One generated batch: its (task, doc_id) requests, their token counts (and each request's
         visual tokens per image, for the whole-forward figures; the tokens it really withdrew, when
-        not all its visual tokens) and its timer."""
+        not all its visual tokens) and its timer. ``batch_size``: how many requests ran together,
+        when not these (vLLM's requests are recorded one by one, each with its own times)."""
         self.timers.append(timer)
         image_tokens = image_tokens or [None] * len(requests)
         removed_tokens = removed_tokens or visual_tokens
@@ -129,7 +132,7 @@ class RequestAccounting:
                     "doc_id": doc_id,
                     **self.method,
                     **figures,
-                    "batch_size": len(requests),
+                    "batch_size": batch_size or len(requests),
                     "batch_prefill_seconds": timer.prefill_seconds,
                     "batch_decode_seconds": timer.decode_seconds,
                     "batch_decode_steps": timer.decode_calls,

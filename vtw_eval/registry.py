@@ -16,10 +16,14 @@ BACKENDS = {
     "vtw_glm4v": "vtw_eval.backends.glm4v.VTWGlm4v",
     "vtw_internvl": "vtw_eval.backends.internvl.VTWInternVL",
 }
+# Backends with a chat class only (lmms-eval's own vllm backend is one); vtw_vllm needs vLLM's venv.
+CHAT_BACKENDS = {"vtw_vllm": "vtw_eval.backends.vllm.VTWVLLM"}
 
 
 def manifests() -> list:
     """The backends as lmms-eval's ``ModelManifest`` entries (lmms-eval calls this)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=name, simple_class_path=path) for name, path in BACKENDS.items()]
+    return [ModelManifest(model_id=name, simple_class_path=path) for name, path in BACKENDS.items()] + [
+        ModelManifest(model_id=name, chat_class_path=path) for name, path in CHAT_BACKENDS.items()
+    ]

@@ -283,7 +283,9 @@ class VTWBackend(lmms):
     # -- lmms-eval's request types over one batching loop ------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        accounting = RequestAccounting(self._model, self.accounting_file, self.method.record())
+        accounting = RequestAccounting(
+            self._model.config, self._model.dtype, self.accounting_file, self.method.record()
+        )
         named = [Request.of(request) for request in requests]
         if any(request.is_calibration for request in named) and self._rank == 0:
             self.withdraw_layers.check_writable()  # the calibration group writes the file
