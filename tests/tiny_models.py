@@ -196,7 +196,11 @@ def build_tiny_qwen2_vl(
         eos_token_id=2,
         pad_token_id=3,
         # the sections split half a head's dimensions: 8 of 16, or 16 of 32
-        rope_parameters={"rope_type": "default", "mrope_section": [s * text_width // 64 for s in (2, 3, 3)], "rope_theta": 10000.0},
+        rope_parameters={
+            "rope_type": "default",
+            "mrope_section": [section * text_width // 64 for section in (2, 3, 3)],
+            "rope_theta": 10000.0,
+        },
     )
     if version == "2":
         vision = dict(depth=1, embed_dim=32, hidden_size=text_width, num_heads=2, mlp_ratio=2)

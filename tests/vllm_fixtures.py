@@ -5,13 +5,10 @@ does not load)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 import tiny_models
+from safetensors.torch import load_file, save_file
 
 
 def build_vllm_llava(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
