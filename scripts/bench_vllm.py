@@ -72,7 +72,7 @@ def requests(path: Path, count: int, text_tokens: int) -> list[tuple[str, object
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    words = [word for word in processor.tokenizer.get_vocab() if word.isalpha()]
+    words = sorted(word for word in processor.tokenizer.get_vocab() if word.isalpha())  # the vocabulary comes unordered
     generator = np.random.default_rng(0)
     prompts = []
     for index in range(count):
@@ -95,7 +95,8 @@ def run_vllm(path: Path, withdraw_layer: int | None, args) -> dict:
         extra = dict(worker_cls=worker_class_path(), additional_config={WITHDRAW_LAYER_KEY: withdraw_layer})
     llm = LLM(
         model=str(path), dtype="float32", enforce_eager=True, enable_prefix_caching=False, seed=0,
-        max_model_len=1024, max_num_seqs=args.batch, limit_mm_per_prompt={"image": 1}, **extra,
+        max_model_len=1024, max_num_seqs=args.batch, limit_mm_per_prompt={"image": 1}, disable_log_stats=False,
+        **extra,
     )  # fmt: skip
     prompts = [
         {"prompt": text, "multi_modal_data": {"image": image}}
