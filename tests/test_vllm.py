@@ -94,7 +94,7 @@ def test_qwen2_vl_withdrawal_equals_transformers_engine(tmp_path, version):
 
 
 def test_refusals_are_named_before_the_engine_starts():
-    from vtw_eval.backends.vllm import withdrawing_engine_arguments
+    from vtw_eval.backends.vllm import VTWVLLM, withdrawing_engine_arguments
 
     with pytest.raises(ValueError, match="enable_prefix_caching=True cannot run with withdraw_layer=2"):
         withdrawing_engine_arguments({"enable_prefix_caching": True}, 2)
@@ -102,6 +102,8 @@ def test_refusals_are_named_before_the_engine_starts():
         withdrawing_engine_arguments({"enforce_eager": False}, 2)
     with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported"):
         withdrawing_engine_arguments({"tensor_parallel_size": 2}, 2)
+    with pytest.raises(ValueError, match="does not take calibrate_per_task="):
+        VTWVLLM(model="unused", calibrate_per_task=8)
     settings = withdrawing_engine_arguments({"dtype": "float32"}, 2)
     assert settings["enforce_eager"] is True and settings["enable_prefix_caching"] is False
     assert settings["additional_config"] == {"vtw_withdraw_layer": 2} and settings["worker_cls"].endswith("Worker")

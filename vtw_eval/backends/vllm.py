@@ -52,6 +52,14 @@ REFUSED_SETTINGS = {
     "data_parallel_size": 1,
     "speculative_config": None,
 }
+# Arguments of vtw_eval's transformers backends that vtw_vllm does not take (vLLM would get them).
+NOT_TAKEN = {
+    "pretrained": "lmms-eval's vllm backend names the checkpoint model=",
+    "calibrate_per_task": "the engine runs one K; calibrate per task with the transformers backend",
+    "kl_threshold": "auto reads the calibration file's global K",
+    "kl_tokens": "auto reads the calibration file's global K",
+    "method": "only VTW is built inside vLLM",
+}
 # The transformers backend that calibrates each served architecture (withdraw_layer=auto).
 CALIBRATING_BACKENDS = {
     "LlavaForConditionalGeneration": "vtw_llava",
@@ -97,6 +105,8 @@ class VTWVLLM(VLLM):
         **kwargs,
     ) -> None:
         arguments.non_empty("model", model, "a hub id (org/name) or a local checkpoint directory")
+        for name in sorted(set(kwargs) & set(NOT_TAKEN)):
+            raise ValueError(f"vtw_vllm does not take {name}=: {NOT_TAKEN[name]}")
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         served = [name for name in config.architectures or [] if name in SERVED_ARCHITECTURES]
         layer = arguments.withdraw_layer(withdraw_layer, config.get_text_config().num_hidden_layers)
