@@ -137,3 +137,32 @@ def test_vtw_vllm_through_lmms_eval(llava, tmp_path, monkeypatch):
     assert len(records) == 16 and all(r["withdraw_layer"] == 2 and 0 < r["visual_tokens"] for r in records)
     assert all(r["kept_tokens"] == r["prompt_tokens"] - r["visual_tokens"] for r in records)
     assert throughput["avg_withdraw_layer"] == 2 and throughput["avg_prefill_flops_saved"] > 0
+
+
+def test_unserved_architecture_is_refused_before_the_engine_starts(tmp_path):
+    from tiny_models import build_tiny_qwen3
+
+    from vtw_eval.backends.vllm import VTWVLLM
+
+    path = build_tiny_qwen3(tmp_path / "model", "qwen3_vl")
+    with pytest.raises(ValueError, match="vtw_vllm withdraws inside .*LlavaForConditionalGeneration"):
+        VTWVLLM(model=str(path), withdraw_layer=1)
+
+
+@pytest.mark.cli
+def test_auto_reads_the_transformers_backends_calibration(llava, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from vtw_eval.backends.vllm import calibrated_withdraw_layer
+    from vtw_eval.calibration import choose_withdraw_layer
+
+    monkeypatch.setenv("VTW_EVAL_CACHE", str(tmp_path / "cache"))
+    config = AutoConfig.from_pretrained(llava)
+    with pytest.raises(ValueError, match="has not calibrated .* lmms-eval --model vtw_llava"):
+        calibrated_withdraw_layer(str(llava), config, "LlavaForConditionalGeneration", None, None)
+    results_file = run_lmms_eval(
+        "vtw_llava", f"pretrained={llava},withdraw_layer=none,device=cpu", "vtw_calibration_tiny", tmp_path / "out"
+    )
+    record = json.loads(results_file.read_text())["results"]["vtw_calibration_tiny"]["vtw_calibration,none"]
+    found = calibrated_withdraw_layer(str(llava), config, "LlavaForConditionalGeneration", None, None)
+    assert found == record["withdraw_layer"] == choose_withdraw_layer(record["mean_kl"], 0.003)[0]
