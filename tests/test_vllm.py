@@ -158,7 +158,7 @@ def test_auto_reads_the_transformers_backends_calibration(llava, tmp_path, monke
 
     monkeypatch.setenv("VTW_EVAL_CACHE", str(tmp_path / "cache"))
     config = AutoConfig.from_pretrained(llava)
-    with pytest.raises(ValueError, match="has not calibrated .* lmms-eval --model vtw_llava"):
+    with pytest.raises(ValueError, match="(?s)has not calibrated .* lmms-eval --model vtw_llava"):
         calibrated_withdraw_layer(str(llava), config, "LlavaForConditionalGeneration", None, None)
     results_file = run_lmms_eval(
         "vtw_llava", f"pretrained={llava},withdraw_layer=none,device=cpu", "vtw_calibration_tiny", tmp_path / "out"
