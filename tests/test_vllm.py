@@ -24,6 +24,7 @@ from vllm_fixtures import (  # noqa: E402
     QUESTIONS,
     build_vllm_llava,
     build_vllm_qwen2_vl,
+    build_vllm_qwen3_vl,
     transformers_greedy,
 )
 
@@ -93,6 +94,18 @@ def test_qwen2_vl_withdrawal_equals_transformers_engine(tmp_path, version):
     assert expected != transformers_greedy(str(path), None)  # guard: K changes the answers
 
 
+def test_qwen3_vl_withdrawal_after_deepstack_equals_transformers_engine(tmp_path):
+    """DeepStack adds visual features after layers 0, 1, 2: K >= 3 cuts after every addition."""
+    from vtw_eval.backends.vllm import VTWVLLM
+
+    path = build_vllm_qwen3_vl(tmp_path / "model", num_layers=6)
+    expected = transformers_greedy(str(path), 3)
+    assert vllm_greedy(path, 3) == expected
+    assert expected != transformers_greedy(str(path), None)  # guard: K changes the answers
+    with pytest.raises(ValueError, match="adds visual features after decoder layers 0..2.*withdraw_layer >= 3"):
+        VTWVLLM(model=str(path), withdraw_layer=2)
+
+
 def test_refusals_are_named_before_the_engine_starts():
     from vtw_eval.backends.vllm import VTWVLLM, withdrawing_engine_arguments
 
@@ -144,7 +157,7 @@ def test_unserved_architecture_is_refused_before_the_engine_starts(tmp_path):
 
     from vtw_eval.backends.vllm import VTWVLLM
 
-    path = build_tiny_qwen3(tmp_path / "model", "qwen3_vl")
+    path = build_tiny_qwen3(tmp_path / "model", "qwen3_5")
     with pytest.raises(ValueError, match="vtw_vllm withdraws inside .*LlavaForConditionalGeneration"):
         VTWVLLM(model=str(path), withdraw_layer=1)
 

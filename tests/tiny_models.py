@@ -245,14 +245,18 @@ QWEN3_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
-def build_tiny_qwen3(path: str | Path, family: str = "qwen3_vl", num_layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_qwen3(
+    path: str | Path, family: str = "qwen3_vl", num_layers: int = 4, seed: int = 0, text_width: int = 64
+) -> Path:
     """A Qwen3-VL or Qwen3.5 checkpoint, dense or MoE (``family`` is its model_type): 16 px patches
     merged 2x2 (32 px per visual token), interleaved multimodal rotary positions, and
 
     * Qwen3-VL: DeepStack, the features of ViT blocks 0, 1, 2 added at the visual positions after
       decoder layers 0, 1, 2;
     * Qwen3.5: Gated DeltaNet (linear attention) layers 0-2, full attention at layer 3 (one in
-      four), and the thinking switch in the chat template."""
+      four), and the thinking switch in the chat template.
+
+    ``text_width``: the text model's width (4 heads; 128 gives vLLM's head size 32, Qwen3-VL only)."""
     import transformers
 
     if family not in QWEN3_FAMILIES:
@@ -262,14 +266,16 @@ def build_tiny_qwen3(path: str | Path, family: str = "qwen3_vl", num_layers: int
     tokenizer.add_tokens(["<think>", "</think>"])  # ordinary text to the tokenizer, as in Qwen3.5's
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=text_width // 4,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
         rope_parameters={
-            "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 1e4,
+            "rope_type": "default", "mrope_section": [section * text_width // 64 for section in (2, 3, 3)],
+            "mrope_interleaved": True, "rope_theta": 1e4,
         },
     )  # fmt: skip
     vision = dict(
-        depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text_width, patch_size=16,
         num_position_embeddings=16,
     )  # fmt: skip
     if family.startswith("qwen3_5"):  # a quarter of the head is rotary: 4 of 16 dims, 2 frequencies

@@ -33,6 +33,11 @@ def build_vllm_qwen2_vl(path: str | Path, version: str = "2.5", num_layers: int 
     return tiny_models.build_tiny_qwen2_vl(path, version=version, num_layers=num_layers, seed=seed, text_width=128)
 
 
+def build_vllm_qwen3_vl(path: str | Path, num_layers: int = 6, seed: int = 0) -> Path:
+    """tiny_models' Qwen3-VL (DeepStack after decoder layers 0, 1, 2) with a text model of width 128."""
+    return tiny_models.build_tiny_qwen3(path, "qwen3_vl", num_layers=num_layers, seed=seed, text_width=128)
+
+
 # The prompts the exactness tests send in one batch: no image, one, two (text-only requests beside
 # image requests, several images per request).
 QUESTIONS = [("what is here?", 1), ("describe it", 0), ("compare these two", 2), ("and this one?", 1)]

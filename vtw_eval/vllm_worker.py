@@ -19,6 +19,7 @@ What VTW must survive in vLLM, and what this does with it (checked before the mo
 from __future__ import annotations
 
 from copy import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,12 +32,50 @@ from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 from vtw_eval.vllm_withdrawal import StepPlan, StepRow, attach_withdrawal, plan_step
 
 WITHDRAW_LAYER_KEY = "vtw_withdraw_layer"
-# vLLM's model classes VTW was checked on, with the modalities whose placeholder tokens are visual.
+
+
+@dataclass(frozen=True)
+class ServedArchitecture:
+    """What differs by vLLM model class: the modalities whose placeholder tokens are visual, and
+    the vision config field listing features the text model adds at the visual positions after its
+    first layers (Qwen3-VL's DeepStack), which must all be added before withdrawal."""
+
+    visual_modalities: tuple[str, ...]
+    injected_features_field: str | None = None
+
+    def smallest_withdraw_layer(self, hf_config) -> int:
+        if self.injected_features_field is None:
+            return 0
+        return len(getattr(hf_config.vision_config, self.injected_features_field))
+
+
+# vLLM's model classes VTW was checked on (tests/test_vllm.py).
 SERVED_ARCHITECTURES = {
-    "LlavaForConditionalGeneration": ("image",),
-    "Qwen2VLForConditionalGeneration": ("image", "video"),
-    "Qwen2_5_VLForConditionalGeneration": ("image", "video"),
+    "LlavaForConditionalGeneration": ServedArchitecture(("image",)),
+    "Qwen2VLForConditionalGeneration": ServedArchitecture(("image", "video")),
+    "Qwen2_5_VLForConditionalGeneration": ServedArchitecture(("image", "video")),
+    "Qwen3VLForConditionalGeneration": ServedArchitecture(("image", "video"), "deepstack_visual_indexes"),
 }
+
+
+def served_architecture(hf_config) -> tuple[str, ServedArchitecture] | None:
+    """The config's architecture VTW inside vLLM serves, if any."""
+    for name in getattr(hf_config, "architectures", None) or []:
+        if name in SERVED_ARCHITECTURES:
+            return name, SERVED_ARCHITECTURES[name]
+    return None
+
+
+def withdraw_layer_problem(hf_config, withdraw_layer: int) -> str | None:
+    """Why K cannot run on this model, if it cannot: too early for its injected features."""
+    name, served = served_architecture(hf_config)
+    smallest = served.smallest_withdraw_layer(hf_config)
+    if withdraw_layer < smallest:
+        return (
+            f"withdraw_layer={withdraw_layer}: {name} adds visual features after decoder layers 0..{smallest - 1}, "
+            f"which would have no visual tokens to go to; use withdraw_layer >= {smallest}"
+        )
+    return None
 
 
 def worker_class_path() -> str:
@@ -50,9 +89,13 @@ def worker_class_path() -> str:
 def refusals(vllm_config) -> list[str]:
     """What of vLLM's configuration VTW cannot run under, each named with the setting that avoids it."""
     problems = []
-    architectures = vllm_config.model_config.architectures or []
-    if not any(name in SERVED_ARCHITECTURES for name in architectures):
-        problems.append(f"architecture {architectures}: VTW inside vLLM serves {sorted(SERVED_ARCHITECTURES)}")
+    hf_config = vllm_config.model_config.hf_config
+    if served_architecture(hf_config) is None:
+        problems.append(
+            f"architecture {hf_config.architectures}: VTW inside vLLM serves {sorted(SERVED_ARCHITECTURES)}"
+        )
+    elif problem := withdraw_layer_problem(hf_config, configured_withdraw_layer(vllm_config)):
+        problems.append(problem)
     if vllm_config.cache_config.enable_prefix_caching:
         problems.append("prefix caching: pass enable_prefix_caching=False")
     if not vllm_config.model_config.enforce_eager:
@@ -93,9 +136,8 @@ class WithdrawingRunner:
         problems = refusals(self.vllm_config)
         if problems:
             raise ValueError("VTW inside vLLM cannot run with: " + "; ".join(problems))
-        architectures = self.vllm_config.model_config.architectures
-        served = [name for name in architectures if name in SERVED_ARCHITECTURES]
-        self._visual_modalities = SERVED_ARCHITECTURES[served[0]]
+        _, served = served_architecture(self.vllm_config.model_config.hf_config)
+        self._visual_modalities = served.visual_modalities
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)

@@ -39,7 +39,13 @@ from vtw_eval.calibration_file import (
 )
 from vtw_eval.files import cache_dir, check_writable
 from vtw_eval.tasks import TASKS_DIR
-from vtw_eval.vllm_worker import SERVED_ARCHITECTURES, WITHDRAW_LAYER_KEY, worker_class_path
+from vtw_eval.vllm_worker import (
+    SERVED_ARCHITECTURES,
+    WITHDRAW_LAYER_KEY,
+    served_architecture,
+    withdraw_layer_problem,
+    worker_class_path,
+)
 
 # What withdrawal needs of vLLM's settings, and why.
 REQUIRED_SETTINGS = {
@@ -65,6 +71,7 @@ CALIBRATING_BACKENDS = {
     "LlavaForConditionalGeneration": "vtw_llava",
     "Qwen2VLForConditionalGeneration": "vtw_qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "vtw_qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "vtw_qwen3_vl",
 }
 
 
@@ -108,15 +115,17 @@ class VTWVLLM(VLLM):
         for name in sorted(set(kwargs) & set(NOT_TAKEN)):
             raise ValueError(f"vtw_vllm does not take {name}=: {NOT_TAKEN[name]}")
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        served = [name for name in config.architectures or [] if name in SERVED_ARCHITECTURES]
+        served = served_architecture(config)
         layer = arguments.withdraw_layer(withdraw_layer, config.get_text_config().num_hidden_layers)
-        if layer is not None and not served:
+        if layer is not None and served is None:
             raise ValueError(
                 f"model={model} is a {config.architectures}; vtw_vllm withdraws inside {sorted(SERVED_ARCHITECTURES)}"
             )
         if layer == "auto":
             layer = calibrated_withdraw_layer(model, config, served[0], calibration, calibration_dir)
         if layer is not None:
+            if problem := withdraw_layer_problem(config, layer):
+                raise ValueError(problem)
             kwargs = withdrawing_engine_arguments(kwargs, layer)
         self.withdraw_layer, self.hf_config = layer, config
         self.visual_token_ids = Architecture().visual_token_ids(config)
