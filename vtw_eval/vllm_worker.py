@@ -272,9 +272,6 @@ class VTWCPUWorker(CPUWorker):
     ``init_device``; it is replaced there, before any model is loaded."""
 
     def init_device(self) -> None:
-        problems = refusals(self.vllm_config) if configured_withdraw_layer(self.vllm_config) is not None else []
-        if problems:
-            raise ValueError("VTW inside vLLM cannot run with: " + "; ".join(problems))
         super().init_device()
         self.model_runner = VTWCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
