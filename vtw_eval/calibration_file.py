@@ -100,6 +100,23 @@ def checkpoint_files_key(folder: Path) -> str | None:
     return hashlib.sha256(json.dumps([str(folder), stats]).encode()).hexdigest()
 
 
+def remembered_weights_fingerprint(key: str | None) -> str | None:
+    """The weights fingerprint ``cached_weights_fingerprint`` remembered for the weight files of
+    ``key`` (``checkpoint_files_key``), or None (never hashed, or rewritten since)."""
+    try:
+        fingerprint = json.loads((cache_dir() / "fingerprints.json").read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return fingerprint if isinstance(fingerprint, str) else None
+
+
+def calibration_file_path(calibration: str | None, calibration_dir: str | None, stem: str) -> Path:
+    """Where a model's calibration file is: ``calibration`` as given, else ``<stem>.json`` in
+    ``calibration_dir`` or in vtw_eval's cache folder."""
+    folder = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
+    return Path(calibration or folder / f"{stem}.json").expanduser().resolve()
+
+
 def cached_weights_fingerprint(model: torch.nn.Module, folder: Path | None) -> str:
     """``weights_fingerprint(model)``, remembered per checkpoint (``checkpoint_files_key``) in
     ``files.cache_dir()/fingerprints.json``: hashing every weight of a 7B model takes seconds,
@@ -108,14 +125,10 @@ def cached_weights_fingerprint(model: torch.nn.Module, folder: Path | None) -> s
     key = checkpoint_files_key(folder) if folder is not None else None
     if key is None:
         return weights_fingerprint(model)
+    remembered = remembered_weights_fingerprint(key)
+    if remembered is not None:
+        return remembered
     store = cache_dir() / "fingerprints.json"
-    try:
-        known = json.loads(store.read_text())
-        fingerprint = known[key]
-        if isinstance(fingerprint, str):
-            return fingerprint
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     fingerprint = weights_fingerprint(model)
     try:
         with exclusive_lock(store):

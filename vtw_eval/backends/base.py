@@ -44,10 +44,10 @@ from vtw_eval.backends.loading import load_config, load_model_and_processor
 from vtw_eval.backends.processes import Processes
 from vtw_eval.backends.requests import Request
 from vtw_eval.backends.visuals import VIDEO_EXTENSIONS, Visual
-from vtw_eval.calibration_file import calibration_file_stem, checkpoint_folder, model_identity
+from vtw_eval.calibration_file import calibration_file_path, calibration_file_stem, checkpoint_folder, model_identity
 from vtw_eval.cost import DecoderGeometry
 from vtw_eval.engine import VisualTokenWithdrawal, visual_positions
-from vtw_eval.files import cache_dir, check_writable
+from vtw_eval.files import check_writable
 from vtw_eval.methods import Method
 from vtw_eval.registry import BACKENDS
 from vtw_eval.withdraw_layer_choice import CalibrationSettings, CalibrationTarget, WithdrawLayerChoice
@@ -121,8 +121,7 @@ class VTWBackend(lmms):
         self.withdrawal.keep_selector = self.method.keep_selector(self.geometry)
         self.identity = model_identity(self._model, pretrained, checkpoint_folder(pretrained, revision))
         stem = calibration_file_stem(pretrained, self.identity)
-        calibration_dir = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
-        calibration_file = Path(calibration or calibration_dir / f"{stem}.json").expanduser().resolve()
+        calibration_file = calibration_file_path(calibration, calibration_dir, stem)
         target = CalibrationTarget(
             calibration_file, self.identity, self.withdrawal.num_layers, self.backend_name(), pretrained
         )

@@ -12,7 +12,6 @@ caching (given otherwise, they are refused here, before the engine starts). With
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,16 @@ from vtw_eval.backends import arguments
 from vtw_eval.backends.processes import Processes
 from vtw_eval.backends.requests import Request
 from vtw_eval.calibration_file import (
+    calibration_file_path,
     calibration_file_stem,
     checkpoint_files_key,
     checkpoint_folder,
     config_hash,
     load_calibration,
     model_name,
+    remembered_weights_fingerprint,
 )
-from vtw_eval.files import cache_dir, check_writable
+from vtw_eval.files import check_writable
 from vtw_eval.tasks import TASKS_DIR
 from vtw_eval.vllm_worker import (
     SERVED_ARCHITECTURES,
@@ -214,19 +215,15 @@ def calibrated_withdraw_layer(model: str, config, architecture: str, calibration
         f"--tasks vtw_calibration --include_path {TASKS_DIR}"
     )
     folder = checkpoint_folder(model)
-    key = checkpoint_files_key(folder) if folder is not None else None
-    try:
-        fingerprint = json.loads((cache_dir() / "fingerprints.json").read_text())[key]
-    except (OSError, ValueError, KeyError, TypeError):
+    fingerprint = remembered_weights_fingerprint(checkpoint_files_key(folder)) if folder is not None else None
+    if fingerprint is None:
         raise ValueError(
             f"withdraw_layer=auto: vtw_eval has not calibrated {model} (these weight files); calibrate it with its "
             f"transformers backend first:\n  {command}"
-        ) from None
+        )
     # A calibration record's dtype is not part of the match (a K holds across dtypes).
     identity = {"model": model_name(model), "config_hash": config_hash(config), "weights_fingerprint": fingerprint}
-    stem = calibration_file_stem(model, identity)
-    folder_path = Path(calibration_dir) if calibration_dir else cache_dir() / "calibration"
-    file = Path(calibration or folder_path / f"{stem}.json").expanduser().resolve()
+    file = calibration_file_path(calibration, calibration_dir, calibration_file_stem(model, identity))
     record, _ = load_calibration(file, identity, config.get_text_config().num_hidden_layers, command)
     logger.info(f"withdraw_layer=auto: K={record['withdraw_layer']} from {file} (calibrated in {record['dtype']})")
     return int(record["withdraw_layer"])
