@@ -123,22 +123,28 @@ def attach_withdrawal(
     ``current_plan`` returns the running step's plan, or None when nothing is withdrawn (dummy and
     profiling runs, steps without visual tokens)."""
     handles = []
-    state: dict[str, torch.Tensor] = {}
+    step: dict[str, object] = {}  # the plan being run and its kept indices as a tensor, made once a step
 
-    def cut_inputs(module, args):
-        plan = current_plan()
-        if plan is None or not plan.withdraws:
-            return None
-        positions, hidden_states, residual, *rest = args
-        kept = torch.as_tensor(plan.kept_token_indices, device=hidden_states.device)
-        state["kept"] = kept
-        # every layer gets the step's full positions from vLLM's loop; only the first withdrawn
-        # layer gets full hidden states
-        kept_positions = positions.index_select(-1, kept)
-        if hidden_states.shape[0] == plan.num_tokens:
-            hidden_states = hidden_states.index_select(0, kept)
-            residual = None if residual is None else residual.index_select(0, kept)
-        return (kept_positions, hidden_states, residual, *rest)
+    def kept_indices(plan: StepPlan, device: torch.device) -> torch.Tensor:
+        if step.get("plan") is not plan:
+            step["plan"], step["kept"] = plan, torch.as_tensor(plan.kept_token_indices, device=device)
+        return step["kept"]
+
+    def make_cut(first: bool):
+        def cut_inputs(module, args):
+            plan = current_plan()
+            if plan is None or not plan.withdraws:
+                return None
+            positions, hidden_states, residual, *rest = args
+            kept = kept_indices(plan, hidden_states.device)
+            # every layer gets the step's full positions from vLLM's loop; only the first withdrawn
+            # layer gets the full hidden states and residual
+            if first:
+                hidden_states = hidden_states.index_select(0, kept)
+                residual = None if residual is None else residual.index_select(0, kept)
+            return (positions.index_select(-1, kept), hidden_states, residual, *rest)
+
+        return cut_inputs
 
     def restore_rows(module, args, output):
         plan = current_plan()
@@ -146,10 +152,10 @@ def attach_withdrawal(
             return None
         hidden_states, *rest = output if isinstance(output, tuple) else (output,)
         full = hidden_states.new_zeros((plan.num_tokens, *hidden_states.shape[1:]))
-        full.index_copy_(0, state.pop("kept"), hidden_states)
+        full.index_copy_(0, kept_indices(plan, hidden_states.device), hidden_states)
         return (full, *rest) if isinstance(output, tuple) else full
 
-    for layer in text_model.layers[withdraw_layer:]:
-        handles.append(layer.register_forward_pre_hook(cut_inputs))
+    for index, layer in enumerate(text_model.layers[withdraw_layer:]):
+        handles.append(layer.register_forward_pre_hook(make_cut(first=index == 0)))
     handles.append(text_model.norm.register_forward_hook(restore_rows))
     return handles

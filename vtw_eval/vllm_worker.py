@@ -130,6 +130,7 @@ class WithdrawingRunner:
     def _init_withdrawal(self) -> None:
         self.withdraw_layer = configured_withdraw_layer(self.vllm_config)
         self._step_plan: StepPlan | None = None
+        self._step_slots: dict[int, torch.Tensor] = {}  # per KV-cache group: the kept tokens' slots
         self._withdrawn_groups: dict[tuple[int, int], object] = {}
         if self.withdraw_layer is None:
             return
@@ -159,13 +160,23 @@ class WithdrawingRunner:
         try:
             return super().execute_model(*args, **kwargs)
         finally:
-            self._step_plan = None
+            self._step_plan, self._step_slots = None, {}
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         prepared = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         if self.withdraw_layer is not None:
             rows = range(self.input_batch.num_reqs)
-            self._step_plan = plan_step([self._step_row(row, int(num_scheduled_tokens[row])) for row in rows])
+            plan = plan_step([self._step_row(row, int(num_scheduled_tokens[row])) for row in rows])
+            # the block table is final here (the super call commits it): slots once, for the slot
+            # mappings and the attention metadata alike
+            self._step_plan, self._step_slots = (
+                plan,
+                {
+                    group_id: self._compacted_slots(plan, group_id)
+                    for group_id, group in enumerate(self.kv_cache_config.kv_cache_groups)
+                    if any(self._withdrawn(name) for name in group.layer_names)
+                },
+            )
         return prepared
 
     def _step_row(self, row: int, scheduled: int) -> StepRow:
@@ -187,11 +198,9 @@ class WithdrawingRunner:
         if plan is None or by_layer is None:
             return by_group, by_layer
         by_layer = dict(by_layer)
-        for group_id, group in enumerate(self.kv_cache_config.kv_cache_groups):
-            names = [name for name in group.layer_names if self._withdrawn(name)]
-            if names:
-                slots = self._compacted_slots(plan, group_id)
-                for name in names:
+        for group_id, slots in self._step_slots.items():
+            for name in self.kv_cache_config.kv_cache_groups[group_id].layer_names:
+                if self._withdrawn(name):
                     by_layer[name] = slots
         return by_group, by_layer
 
@@ -205,9 +214,7 @@ class WithdrawingRunner:
         plan = self._step_plan
         if plan is None:
             return attn_metadata, spec_metadata
-        for group_id, group in enumerate(self.kv_cache_config.kv_cache_groups):
-            if not any(self._withdrawn(name) for name in group.layer_names):
-                continue
+        for group_id in self._step_slots:
             common = self._compacted_common_metadata(plan, group_id)
             for attn_group_id, attn_group in enumerate(self.attn_groups[group_id]):
                 names = [name for name in attn_group.layer_names if self._withdrawn(name)]
@@ -248,7 +255,7 @@ class WithdrawingRunner:
             max_query_len=int(plan.query_lens.max()),
             max_seq_len=int(plan.seq_lens.max()),
             block_table_tensor=block_table.get_device_tensor(self.input_batch.num_reqs)[rows.to(self.device)],
-            slot_mapping=self._compacted_slots(plan, group_id),
+            slot_mapping=self._step_slots[group_id],
             causal=True,
             is_prefilling=computed < prompt,
             positions=positions.index_select(0, kept.to(positions.device)),
