@@ -34,10 +34,9 @@ VLLM_ENV = {
 
 def build_checkpoint(path: Path, layers: int, hidden: int, heads: int) -> Path:
     """A random LLaVA-1.5-like model with the testbed's word tokenizer, saved for vLLM."""
-    from safetensors.torch import load_file, save_file
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    from vtw_eval.small_llava import CHAT_TEMPLATE, build_tokenizer, random_llava
+    from vtw_eval.small_llava import CHAT_TEMPLATE, build_tokenizer, random_llava, save_tower_in_hub_layout
 
     tokenizer = build_tokenizer()
     model = random_llava(
@@ -54,14 +53,7 @@ def build_checkpoint(path: Path, layers: int, hidden: int, heads: int) -> Path:
     )  # fmt: skip
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    # vLLM 0.32 reads LLaVA's tower in the hub's layout (vision_tower.vision_model.*), which
-    # transformers 5 does not save
-    weights = load_file(path / "model.safetensors")
-    renamed = {
-        (name.replace("vision_tower.", "vision_tower.vision_model.", 1) if "vision_tower." in name else name): tensor
-        for name, tensor in weights.items()
-    }
-    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+    save_tower_in_hub_layout(path)  # vLLM 0.32 reads LLaVA's tower in the hub's layout only
     return path
 
 

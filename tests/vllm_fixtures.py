@@ -10,21 +10,14 @@ from pathlib import Path
 
 import tiny_models
 import torch
-from safetensors.torch import load_file, save_file
+
+from vtw_eval.small_llava import save_tower_in_hub_layout
 
 
 def build_vllm_llava(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
     """tiny_models' LLaVA-1.5 with a text model of width 128 (4 heads of 32, 2 key/value heads)."""
     path = tiny_models.build_tiny_llava(path, num_layers=num_layers, seed=seed, text_width=128)
-    weights_file = path / "model.safetensors"
-    weights = load_file(weights_file)
-    renamed = {}
-    for name, tensor in weights.items():
-        if ".vision_tower." in f".{name}" and ".vision_model." not in name:
-            head, tail = name.split("vision_tower.", 1)
-            name = f"{head}vision_tower.vision_model.{tail}"
-        renamed[name] = tensor
-    save_file(renamed, weights_file, metadata={"format": "pt"})
+    save_tower_in_hub_layout(path)
     return path
 
 

@@ -9,6 +9,7 @@ checkpoints from these too (``tests/tiny_models.py``).
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -141,3 +142,19 @@ def llava_prompt(
     input_ids = torch.cat([text[:, :text_before], image, text[:, text_before:]], dim=1)
     pixel_values = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+
+
+def save_tower_in_hub_layout(folder: Path) -> None:
+    """Rename a saved LLaVA's vision tower weights to the hub's layout (``vision_tower.vision_model.*``,
+    what released checkpoints have and vLLM 0.32 loads) from transformers 5's
+    (``vision_tower.embeddings.*``, which vLLM 0.32 refuses); transformers loads both."""
+    from safetensors.torch import load_file, save_file
+
+    weights_file = Path(folder) / "model.safetensors"
+    renamed = {}
+    for name, tensor in load_file(weights_file).items():
+        if ".vision_tower." in f".{name}" and ".vision_model." not in name:
+            head, tail = name.split("vision_tower.", 1)
+            name = f"{head}vision_tower.vision_model.{tail}"
+        renamed[name] = tensor
+    save_file(renamed, weights_file, metadata={"format": "pt"})
