@@ -21,7 +21,7 @@ def reference_vtw_logits(
     """Logits at the kept positions of a single unpadded prompt, and those positions. A sliding
     window counts original positions; with ``window_counts="slots"``, kept tokens instead (what a
     withdrawal that ignores the gaps would do)."""
-    language_model = model.model.language_model
+    language_model = decoder_of(model)
     full, inputs_of_layers, seen = unmodified_forward(model, inputs)
     input_ids = inputs["input_ids"][0]
     if keep is None:
@@ -61,7 +61,11 @@ def reference_vtw_logits(
             position_embeddings = language_model.rotary_emb(hidden, kept_ids, layer_types[index])
         else:
             position_embeddings = language_model.rotary_emb(hidden, position_ids=kept_ids)
-        hidden = language_model.layers[index](hidden, attention_mask=mask, position_embeddings=position_embeddings)
+        # One row of positions: the layer's own too (Ministral 3 scales its queries by them).
+        positions = {"position_ids": kept_ids} if kept_ids.ndim == 2 else {}
+        hidden = language_model.layers[index](
+            hidden, attention_mask=mask, position_embeddings=position_embeddings, **positions
+        )
         if index < len(deepstack) and kept_visual.any():
             hidden = hidden.clone()
             hidden[0, kept_visual] += deepstack[index][rows].to(hidden.dtype)
@@ -73,7 +77,7 @@ def unmodified_forward(model, inputs: dict) -> tuple:
     """The unmodified model's output, each decoder layer's input (after DeepStack's additions of
     the layers before it, which ``output_hidden_states`` does not include) and the keyword
     arguments its language model got (position ids: 3 rows for Qwen2-VL; DeepStack's features)."""
-    language_model = model.model.language_model
+    language_model = decoder_of(model)
     seen, layer_inputs = {}, []
     handles = [language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)]
     for layer in language_model.layers:
@@ -86,6 +90,12 @@ def unmodified_forward(model, inputs: dict) -> tuple:
     for handle in handles:
         handle.remove()
     return full, layer_inputs, seen
+
+
+def decoder_of(model):
+    """The decoder stack by transformers' attribute names (SmolVLM's is ``text_model``)."""
+    inner = model.model
+    return inner.text_model if hasattr(inner, "text_model") else inner.language_model
 
 
 def visual_ids(config) -> list[int]:

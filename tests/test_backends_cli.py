@@ -15,8 +15,10 @@ from tiny_models import (
     build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_onevision,
+    build_tiny_mistral3,
     build_tiny_qwen2_vl,
     build_tiny_qwen3,
+    build_tiny_smolvlm,
 )
 from transformers import AutoProcessor
 
@@ -38,6 +40,8 @@ BACKENDS = {
     "vtw_gemma3": build_tiny_gemma3,
     "vtw_glm4v": build_tiny_glm4v,
     "vtw_internvl": build_tiny_internvl,
+    "vtw_smolvlm": build_tiny_smolvlm,
+    "vtw_mistral3": build_tiny_mistral3,
 }
 
 

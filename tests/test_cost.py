@@ -423,25 +423,63 @@ def test_gemma3_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
         assert saved == record["visual_tokens"] * 2 * 2 * 16 * 4  # float32: 2 kv heads of 16, keys and values
 
 
-@pytest.mark.parametrize("family", ["gemma3", "glm4v", "internvl"])
-def test_decoder_flops_of_gemma3_glm4v_internvl_equal_torchs_flop_counter(tmp_path, family):
+# Visual tokens of a 64 x 40 picture, by hand. SmolVLM: 2 x 2 tiles of 32 px and the global image,
+# 4 tokens each (pixel shuffle of 4 x 4 patches). Mistral 3: padded to 64 x 48 pixels, 8 px patches
+# merged 2 x 2, so 4 columns x 3 rows of [IMG] (the rows' break and end tokens are not visual).
+VISUAL_TOKENS_OF_A_64_BY_40_PICTURE = {"smolvlm": 20, "mistral3": 12}
+
+
+@pytest.mark.parametrize("family", sorted(VISUAL_TOKENS_OF_A_64_BY_40_PICTURE))
+@pytest.mark.parametrize("withdraw_layer", [1, "none"])
+def test_recorded_cache_of_newer_families_equals_the_real_cache(tmp_path, family, withdraw_layer):
+    """Through their backends: only the tokens holding visual embeddings count as visual (SmolVLM's
+    row/column markers and Mistral 3's row breaks stay), and every layer caches every token below
+    K, the kept ones from K on."""
+    from lmms_eval.api.instance import Instance
+    from tiny_models import BUILDERS, adapter_for, picture
+    from transformers import AutoConfig
+
+    accounting_file = tmp_path / "requests.jsonl"
+    path = BUILDERS[family](tmp_path / "model")
+    backend = adapter_for(AutoConfig.from_pretrained(path))
+    lm = backend(
+        pretrained=str(path), withdraw_layer=withdraw_layer, device="cpu", accounting_file=str(accounting_file)
+    )
+    caches = []
+    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_in(kw)), with_kwargs=True)
+    lm.task_dict = {"tiny": {"test": [{"image": picture(0, (64, 40))}]}}
+    arguments = ("Is it red ?", {"max_new_tokens": 4}, lambda doc: [doc["image"]], 0, "tiny", "test")
+    request = Instance("generate_until", arguments, idx=0, metadata={"task": "tiny", "doc_id": 0, "repeats": 1})
+    lm.generate_until([request])
+    (record,) = [json.loads(line) for line in accounting_file.read_text().splitlines()]
+    visual = VISUAL_TOKENS_OF_A_64_BY_40_PICTURE[family]
+    withdrawn = visual if withdraw_layer == 1 else 0
+    assert record["visual_tokens"] == visual and record["kept_tokens"] == record["prompt_tokens"] - withdrawn
+    lengths = [layer.keys.shape[-2] for layer in caches[-1].layers]
+    seen = record["prompt_tokens"] + record["generated_tokens"] - 1
+    assert lengths == [seen] + [seen - withdrawn] * (NUM_LAYERS - 1)
+    key = "kv_cache_bytes_baseline" if withdraw_layer == "none" else "kv_cache_bytes_vtw"
+    assert record[key] == cache_bytes(caches[-1])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "glm4v", "internvl", "smolvlm", "mistral3"])
+def test_decoder_flops_of_families_without_tower_model_equal_torchs_flop_counter(tmp_path, family):
     """The decoder layers' prefill at K = 2, counted by PyTorch per layer (eager attention: the
     full n x n products, as the cost model counts them, sliding windows included). Their towers are
     not modelled: no whole-forward figures."""
     import re
 
-    from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, encode, withdrawal
+    from tiny_models import BUILDERS, encode, withdrawal
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    build = {"gemma3": build_tiny_gemma3, "glm4v": build_tiny_glm4v, "internvl": build_tiny_internvl}[family]
-    path = build(tmp_path / family)
+    path = BUILDERS[family](tmp_path / family)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     inputs = encode(AutoProcessor.from_pretrained(path), [("Is there a red square in the image ? Say yes or no .", 2)])
     engine = withdrawal(model, 2)
     with FlopCounterMode(display=False, depth=10) as counter, torch.no_grad():
         model(**inputs, use_cache=False, logits_to_keep=1)
-    layers = [name for name in counter.get_flop_counts() if re.search(r"\.language_model\.layers\.\d+$", name)]
+    layers = [name for name in counter.get_flop_counts() if re.search(r"\.(language|text)_model\.layers\.\d+$", name)]
     assert len(layers) == NUM_LAYERS
     decoder = sum(sum(counter.get_flop_counts()[name].values()) for name in layers)
     tokens = inputs["input_ids"].shape[1]

@@ -1,17 +1,29 @@
 """At K = L the VTW backends answer as lmms-eval's own backend for the family, through the CLI.
 
 lmms-eval's ``qwen3_vl``, ``qwen3_5`` and ``internvl_hf`` (their chat classes, what ``--model
-qwen3_vl`` runs), ``gemma3`` and ``glm4v`` load bfloat16; the VTW backend is given the same dtype. Answers are
-compared doc for doc on the tiny MME-format task, after a check that they differ across docs (a
-comparison of constant answers would prove nothing).
+qwen3_vl`` runs), ``gemma3``, ``glm4v`` and ``huggingface`` load bfloat16; the VTW backend is given the same
+dtype. Answers are compared doc for doc on the tiny MME-format task, after a check that they differ across
+docs (a comparison of constant answers would prove nothing).
+
+SmolVLM has no lmms-eval backend of its own: its reference is lmms-eval's generic ``huggingface`` chat
+backend, which cannot run it as shipped; ``huggingface_with_test_shims`` (tests/lmms_eval_with_shims.py)
+is that backend with exactly the two mends it needs, at batch size 1.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from tiny_models import build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, build_tiny_qwen3
+from tiny_models import (
+    build_tiny_gemma3,
+    build_tiny_glm4v,
+    build_tiny_internvl,
+    build_tiny_mistral3,
+    build_tiny_qwen3,
+    build_tiny_smolvlm,
+)
 
 from vtw_eval.run import run_lmms_eval
 
@@ -28,7 +40,16 @@ FAMILIES = {
     # lmms-eval's glm4v loads the dense class only for a path naming "Flash" (GLM-4.6V-Flash).
     "glm4v": ("vtw_glm4v", lambda path: build_tiny_glm4v(path.with_name("GLM-tiny-Flash")), ""),
     "internvl_hf": ("vtw_internvl", build_tiny_internvl, ""),
+    # lmms-eval's mistral3_vl loads float32 on a CPU (bfloat16 on CUDA); its repetition penalty 1.2 applies.
+    "mistral3_vl": ("vtw_mistral3", build_tiny_mistral3, ""),
+    "huggingface_with_test_shims": ("vtw_smolvlm", build_tiny_smolvlm, ""),
+    # vtw_huggingface dispatches the SmolVLM checkpoint to the same adapter by its model_type.
+    "huggingface_with_test_shims ": ("vtw_huggingface", build_tiny_smolvlm, ""),
 }
+# The references that lmms-eval cannot run as shipped, and the module that runs them.
+SHIMMED = {"huggingface_with_test_shims": "lmms_eval_with_shims"}
+# The dtype the reference loads on a CPU, where it is not bfloat16.
+DTYPES = {"mistral3_vl": "float32"}
 
 
 def answers(results_file) -> dict[int, list]:
@@ -40,14 +61,16 @@ def answers(results_file) -> dict[int, list]:
 def test_no_withdrawal_answers_as_lmms_eval_backend(reference, tmp_path):
     backend, build, shared_args = FAMILIES[reference]
     path = build(tmp_path / "model")
+    reference = reference.strip()  # a trailing space tells a second VTW backend for the same reference
     theirs = run_lmms_eval(
         reference, f"pretrained={path},device=cpu,device_map=cpu{shared_args}", "vtw_tiny_mme",
         tmp_path / "theirs",
-        "--log_samples",
+        "--log_samples", module=SHIMMED.get(reference, "lmms_eval"), env={"PYTHONPATH": str(Path(__file__).parent)},
     )  # fmt: skip
     ours = run_lmms_eval(
         backend,
-        f"pretrained={path},withdraw_layer=none,dtype=bfloat16,device=cpu,calibration_dir={tmp_path}/cal{shared_args}",
+        f"pretrained={path},withdraw_layer=none,dtype={DTYPES.get(reference, 'bfloat16')},device=cpu,"
+        f"calibration_dir={tmp_path}/cal{shared_args}",
         "vtw_tiny_mme",
         tmp_path / "ours",
         "--log_samples",

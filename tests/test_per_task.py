@@ -193,3 +193,28 @@ def test_a_failing_calibration_prompt_names_the_task_and_doc(tiny_llava_path, tm
     with pytest.raises(RuntimeError, match=r"VTW calibration of task tiny failed for doc_ids \[0\]: cannot identify"):
         lm.generate_until(requests)
     assert not list(tmp_path.glob("*.json"))  # nothing half-written
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("backend", ["vtw_smolvlm", "vtw_mistral3"])
+def test_each_task_at_its_own_k_on_the_newer_families(backend, tmp_path, task_dir):
+    """The same per-task calibration on the families added after LLaVA's tests were written: the
+    blind task's K is 0, the image task's is chosen from its own curve, every request runs at its
+    task's K."""
+    from tiny_models import BUILDERS
+
+    path = BUILDERS[backend.removeprefix("vtw_")](tmp_path / "model")
+    model_args = (
+        f"pretrained={path},device=cpu,withdraw_layer=auto,calibrate_per_task=8,"
+        f"calibration_dir={tmp_path}/calibration,accounting_file={tmp_path}/requests.jsonl"
+    )
+    run_lmms_eval(backend, model_args, "vtw_tiny_mme,vtw_tiny_mme_blind", tmp_path / "out", include_path=task_dir)
+    entries = json.loads(next((tmp_path / "calibration").glob("*.json")).read_text())["per_task"]
+    assert sorted(entries) == ["vtw_tiny_mme", "vtw_tiny_mme_blind"]
+    assert entries["vtw_tiny_mme_blind"]["withdraw_layer"] == 0 and max(entries["vtw_tiny_mme_blind"]["mean_kl"]) == 0
+    mme = entries["vtw_tiny_mme"]
+    assert max(mme["mean_kl"]) > 0 and (mme["withdraw_layer"], mme["threshold_met"]) == choose_withdraw_layer(
+        mme["mean_kl"], 0.003
+    )
+    records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert len(records) == 32 and all(r["withdraw_layer"] == entries[r["task"]]["withdraw_layer"] for r in records)

@@ -1,5 +1,5 @@
 """Small random checkpoints of every served family (LLaVA-1.5, -NeXT, -OneVision, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, GLM-4.1V, InternVL), built offline from configs and saved
+Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, GLM-4.1V, InternVL, SmolVLM, Mistral 3), built offline from configs and saved
 with their processors, and the prompts the tests give them.
 
 They load with ``from_pretrained(path)`` exactly like the hub checkpoints, so every code path a
@@ -468,6 +468,116 @@ def build_tiny_internvl(path: str | Path, num_layers: int = 4, seed: int = 0) ->
     return _save(path, model, processor)
 
 
+# SmolVLM's chat format: "User:" / "Assistant:" turns, an image part as its placeholder, which the
+# processor expands into each tile's row/column marker and image tokens, then the global image's.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<image>{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_tiny_smolvlm(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """A SmolVLMForConditionalGeneration: a SigLIP-like tower over 32 px tiles of 8 px patches,
+    pixel-shuffled (scale 2) into 4 tokens a tile; images resized to 64 px at most and split into
+    up to 2 x 2 tiles with ``<row_r_col_c>`` markers, plus a global image; a Llama decoder."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(["User", "Assistant"])
+    markers = [f"<row_{row}_col_{col}>" for row in (1, 2) for col in (1, 2)]
+    tokenizer.add_tokens(
+        ["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>", *markers],
+        special_tokens=True,
+    )
+    tokenizer.chat_template = SMOLVLM_CHAT_TEMPLATE
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )  # fmt: skip
+    config = transformers.SmolVLMConfig(
+        text_config=tiny_text_config(len(tokenizer), num_layers).to_dict(), vision_config=vision, scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=3,
+    )  # fmt: skip
+    model = transformers.SmolVLMForConditionalGeneration(config).eval()
+    with torch.no_grad():  # at the default scale every image gets much the same answer in bfloat16
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.5 if "vision_model" in name or "connector" in name else 0.1)
+    processor = transformers.SmolVLMProcessor(
+        image_processor=transformers.SmolVLMImageProcessor(
+            size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+        ),
+        video_processor=transformers.SmolVLMVideoProcessor(),
+        tokenizer=tokenizer,
+        image_seq_len=4,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)
+
+
+# Mistral's instruction format (what Mistral 3's template gives a text-only turn); lmms-eval's
+# mistral3_vl writes image prompts itself.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}[IMG]{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}[/INST]{% elif message['role'] == 'system' %}"
+    "[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]{% else %}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def build_tiny_mistral3(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """A Mistral3ForConditionalGeneration as Ministral 3 is: a Pixtral tower over 8 px patches merged
+    2 x 2 (one token per 16 px, each row of an image ended by ``[IMG_BREAK]``, the last by
+    ``[IMG_END]``), and a Ministral 3 decoder whose queries are scaled by their position (Llama 4's
+    scaling, beta 0.1, from position 16 on here, so most of a prompt's tokens are scaled)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    markers = ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    tokenizer.add_tokens(markers, special_tokens=True)
+    tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    rope = {
+        "type": "yarn", "rope_theta": 1e6, "factor": 32.0, "original_max_position_embeddings": 16,
+        "max_position_embeddings": 512, "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+        "llama_4_scaling_beta": 0.1,
+    }  # fmt: skip
+    text = transformers.Ministral3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_parameters=rope,
+        pad_token_id=3, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16, image_size=64,
+        patch_size=8,
+    )  # fmt: skip
+    config = transformers.Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # at the default scale every image gets much the same answer
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.5 if "vision_tower" in name or "multi_modal_projector" in name else 0.1)
+    processor = transformers.PixtralProcessor(
+        image_processor=transformers.PixtralImageProcessor(
+            size={"longest_edge": 64}, patch_size={"height": 8, "width": 8}
+        ),
+        tokenizer=tokenizer,
+        patch_size=8,
+        spatial_merge_size=2,
+        chat_template=MISTRAL3_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)
+
+
 BUILDERS = {
     # Sliding windows of 8 tokens, shorter than the prompts: every layer, or layers 2 and 3.
     "llava_mistral_window": lambda path: build_tiny_llava(path, sliding_window=("mistral", 8)),
@@ -477,6 +587,8 @@ BUILDERS = {
     "gemma3": build_tiny_gemma3,
     "glm4v": build_tiny_glm4v,  # 3-D rotary positions on half of each head
     "internvl": build_tiny_internvl,  # tiles of 4 tokens each, plus a thumbnail
+    "smolvlm": build_tiny_smolvlm,  # up to 2 x 2 tiles of 4 tokens with row/column markers, plus a global image
+    "mistral3": build_tiny_mistral3,  # image rows ended by break tokens; queries scaled by position
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
     # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
@@ -484,14 +596,15 @@ BUILDERS = {
 }
 
 
-def adapter_for(model) -> type:
-    """The vtw_eval backend class that serves ``model``'s family."""
+def adapter_for(model_or_config) -> type:
+    """The vtw_eval backend class that serves the family of a model (or of its config)."""
+    config = getattr(model_or_config, "config", model_or_config)
     for path in BACKENDS.values():
         module, name = path.rsplit(".", 1)
         adapter = getattr(importlib.import_module(module), name)
-        if model.config.model_type in adapter.model_classes:
+        if config.model_type in adapter.model_classes:
             return adapter
-    raise ValueError(f"no vtw_eval backend serves {model.config.model_type!r}")
+    raise ValueError(f"no vtw_eval backend serves {config.model_type!r}")
 
 
 def withdrawal(model, withdraw_layer: int | None, keep_selector=None) -> VisualTokenWithdrawal:
@@ -535,6 +648,6 @@ def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, si
         for i, (_, count) in enumerate(texts_and_counts)
         for _ in range(count)
     ]
-    if type(processor).__name__.startswith("Gemma3") and images:  # it takes each row's images as a list
+    if type(processor).__name__.startswith(("Gemma3", "SmolVLM")) and images:  # each row's images as a list
         images = per_row(images, [count for _, count in texts_and_counts])
     return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))

@@ -75,11 +75,14 @@ class Architecture:
 class QueryKeyRecipe:
     """How a text model's attention makes its queries and keys from its input, beyond ``q_proj``,
     ``k_proj`` and its modeling module's ``apply_rotary_pos_emb`` (read from transformers' modeling
-    files): per-head RMS norms on both (``q_norm``, ``k_norm``), and an output gate packed beside each
-    head's query in ``q_proj`` (Qwen3.5). FastV recomputes the last query's attention from these."""
+    files): per-head RMS norms on both (``q_norm``, ``k_norm``), an output gate packed beside each
+    head's query in ``q_proj`` (Qwen3.5), and queries scaled by their position, Llama 4's
+    ``1 + beta * log(1 + floor(position / original_max_position_embeddings))`` with both numbers
+    from ``rope_parameters`` (Ministral 3). FastV recomputes the last query's attention from these."""
 
     query_key_norms: bool = False
     gated_queries: bool = False
+    position_scaled_queries: bool = False
 
 
 # By the text config's model_type: the language models the adapters serve.
@@ -87,6 +90,7 @@ QUERY_KEY_RECIPES = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text"), QueryKeyRecipe()),
     **dict.fromkeys(("qwen3", "qwen3_vl_text", "qwen3_vl_moe_text", "gemma3_text"), QueryKeyRecipe(True)),
     **dict.fromkeys(("qwen3_5_text", "qwen3_5_moe_text"), QueryKeyRecipe(True, gated_queries=True)),
+    "ministral3": QueryKeyRecipe(position_scaled_queries=True),
 }
 
 
@@ -102,7 +106,8 @@ def layer_types(text_config) -> list[str]:
 
 def language_model_of(model: nn.Module) -> nn.Module:
     """The decoder stack (the module with ``.layers`` and ``.norm``) of a transformers VLM."""
-    for path in ("model.language_model", "language_model", "model"):
+    # SmolVLM's decoder is ``model.text_model``; most families name it ``model.language_model``.
+    for path in ("model.language_model", "model.text_model", "language_model", "model"):
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)

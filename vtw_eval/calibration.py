@@ -21,7 +21,7 @@ import datetime
 
 import torch
 
-from vtw_eval.engine import KeptRotary, VisualTokenWithdrawal, plan_withdrawal
+from vtw_eval.engine import KeptRotary, VisualTokenWithdrawal, plan_withdrawal, with_counted_positions
 
 DEFAULT_KL_THRESHOLD = 0.003
 
@@ -92,6 +92,7 @@ def every_layer_last_hidden(
         for layer, seen in zip(language_model.layers, layer_kwargs)
     ]
     try:
+        inputs = with_counted_positions(inputs, withdrawal.architecture)  # padded rows as generate numbers them
         full = withdrawal.model(**inputs, output_hidden_states=True, use_cache=False)
     finally:
         for capture in captures:

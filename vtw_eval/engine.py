@@ -105,6 +105,18 @@ def cache_in(mapping) -> object | None:
     return cache if cache is not None else mapping.get("past_key_values")
 
 
+def with_counted_positions(inputs: dict, architecture: Architecture) -> dict:
+    """``inputs`` for a forward outside ``generate`` of a family whose positions are counted
+    (``decoding_positions="count"``): position ids counted from each row's first real token, as
+    ``generate`` numbers a left-padded prompt. Without them the model would number the padding
+    too, which rotary embeddings do not see (relative) but a query scaled by its absolute position
+    does (Ministral 3), so a padded row would differ from the same prompt alone."""
+    mask = inputs.get("attention_mask")
+    if architecture.decoding_positions != "count" or mask is None or "position_ids" in inputs:
+        return inputs
+    return {**inputs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
 def cache_bytes(cache) -> int:
     """Bytes a transformers cache holds: keys and values of attention layers, the convolution and
     recurrent states of linear-attention layers."""

@@ -226,7 +226,7 @@ class AttentionRankedSubset:
     def observe_attention(self, attention: nn.Module, inputs: dict) -> None:
         self.scores = last_query_attention(
             attention, inputs["hidden_states"], inputs["position_embeddings"], inputs.get("attention_mask"),
-            self.recipe, self.softcap,
+            self.recipe, self.softcap, inputs.get("position_ids"),
         )  # fmt: skip
 
     def __call__(self, visual_mask: torch.Tensor, attention_mask, hidden_states) -> torch.Tensor:
@@ -252,10 +252,12 @@ def last_query_attention(
     attention_mask: torch.Tensor | None,
     recipe: QueryKeyRecipe,
     softcap: float | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(batch, keys): the attention weights of the last position's query in ``attention`` (a
     transformers attention module, given its own inputs), averaged over heads, as eager attention
-    computes them, whichever kernel the model runs. Only that query is projected."""
+    computes them, whichever kernel the model runs. Only that query is projected. ``position_ids``
+    (batch, length) are needed where queries are scaled by their position."""
     batch, length, _ = hidden_states.shape
     head_dim = attention.head_dim
     query = attention.q_proj(hidden_states[:, -1:])
@@ -271,6 +273,11 @@ def last_query_attention(
     cos, sin = position_embeddings
     query, _ = rotary(query, query, cos[:, -1:], sin[:, -1:])
     _, key = rotary(key, key, cos, sin)
+    if recipe.position_scaled_queries:
+        rope = attention.config.rope_parameters
+        periods = torch.floor(position_ids[:, -1:] / rope["original_max_position_embeddings"])
+        scale = 1 + rope["llama_4_scaling_beta"] * torch.log(1 + periods)  # as the model computes it
+        query = query * scale[:, None, :, None].to(query.dtype)
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query heads
     logits = torch.matmul(query, key.transpose(2, 3)) * attention.scaling  # (batch, heads, 1, keys)
     if softcap is not None:

@@ -15,6 +15,10 @@ BACKENDS = {
     "vtw_gemma3": "vtw_eval.backends.gemma3.VTWGemma3",
     "vtw_glm4v": "vtw_eval.backends.glm4v.VTWGlm4v",
     "vtw_internvl": "vtw_eval.backends.internvl.VTWInternVL",
+    "vtw_mistral3": "vtw_eval.backends.mistral3.VTWMistral3",
+    "vtw_smolvlm": "vtw_eval.backends.huggingface.VTWSmolVLM",
+    # any model type the backends above serve, with lmms-eval's generic huggingface prompts
+    "vtw_huggingface": "vtw_eval.backends.huggingface.VTWHuggingface",
 }
 # Backends with a chat class only (lmms-eval's own vllm backend is one); vtw_vllm needs vLLM's venv.
 CHAT_BACKENDS = {"vtw_vllm": "vtw_eval.backends.vllm.VTWVLLM"}

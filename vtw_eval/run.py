@@ -30,12 +30,15 @@ def run_lmms_eval(
     log_file: str | Path | None = None,
     processes: int = 1,
     env: dict[str, str] | None = None,
+    module: str = "lmms_eval",
 ) -> Path:
     """Evaluate ``tasks`` with ``model`` from the repository root; raise if no results were written.
 
     ``processes`` > 1 launches data-parallel ranks with accelerate (on CPU too); ``env`` adds
     environment variables (e.g. ``vtw_eval.testbed.hub_cache.hub_environment``). The package's own
-    tasks (vtw_calibration) are in ``vtw_eval.tasks.TASKS_DIR``.
+    tasks (vtw_calibration) are in ``vtw_eval.tasks.TASKS_DIR``. ``module`` is what ``python -m``
+    runs: lmms-eval's CLI, or a module that calls it after registering more backends (the tests'
+    ``lmms_eval_with_shims``).
     """
     before = newest_results_file(output_path)
     launcher = []
@@ -45,7 +48,7 @@ def run_lmms_eval(
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         ]  # fmt: skip
     command = [
-        sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args,
+        sys.executable, *launcher, "-m", module, "--model", model, "--model_args", model_args,
         "--tasks", tasks, "--include_path", str(include_path), "--output_path", str(output_path),
         "--verbosity", "DEBUG", *extra_args,
     ]  # fmt: skip

@@ -7,7 +7,8 @@ An adapter (one file per model family) subclasses ``VTWBackend`` and declares:
 - ``architecture``: what the engine must be told (``vtw_eval.architecture.Architecture``);
 - ``build_prompt`` (required), and where its family differs from the defaults: ``encode``,
   ``video_frames``, ``stop_strings``, ``decode_answer``, ``finish_answer``, and the class
-  attributes ``default_generation_kwargs``, ``decode_kwargs``, ``strips_answers``.
+  attributes ``default_generation_kwargs``, ``fixed_generation_kwargs``, ``decode_kwargs``,
+  ``strips_answers``.
 docs/design.md ("Adding a model family") goes through it step by step.
 
 Where K is decided is ``vtw_eval.withdraw_layer_choice``; the withdrawal itself is
@@ -46,7 +47,7 @@ from vtw_eval.backends.requests import Request
 from vtw_eval.backends.visuals import VIDEO_EXTENSIONS, Visual
 from vtw_eval.calibration_file import calibration_file_path, calibration_file_stem, checkpoint_folder, model_identity
 from vtw_eval.cost import DecoderGeometry
-from vtw_eval.engine import VisualTokenWithdrawal, visual_positions
+from vtw_eval.engine import VisualTokenWithdrawal, visual_positions, with_counted_positions
 from vtw_eval.files import check_writable
 from vtw_eval.methods import Method
 from vtw_eval.registry import BACKENDS
@@ -62,6 +63,7 @@ class VTWBackend(lmms):
     model_classes: dict[str, type] = {}  # config.model_type -> transformers class, set by adapters
     architecture = Architecture()  # what the engine must be told about the family
     default_generation_kwargs: dict = {}  # under the task's generation_kwargs, as the lmms-eval backend's
+    fixed_generation_kwargs: dict = {}  # over the task's: what the lmms-eval backend sets whatever it says
     decode_kwargs: dict = {}  # how the lmms-eval backend decodes answers (beyond skipping special tokens)
     strips_answers = True  # whether the lmms-eval backend strips its answers
 
@@ -192,10 +194,10 @@ class VTWBackend(lmms):
         for a processor that reads it. Families without videos refuse them."""
         raise ValueError(f"{type(self).__name__} takes images, not videos ({path})")
 
-    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
-        """The batch's model inputs from its prompts and all its visuals, in order, on the device."""
-        images = [v for v in visuals if isinstance(v, Image.Image)]
-        videos = [v for v in visuals if isinstance(v, np.ndarray)]
+    def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
+        """The batch's model inputs from its prompts and each row's visuals, on the device."""
+        images = [v for row in visuals for v in row if isinstance(v, Image.Image)]
+        videos = [v for row in visuals for v in row if isinstance(v, np.ndarray)]
         kwargs = {"videos": videos} if videos else {}  # processors without video support refuse the key
         inputs = self.processor(
             images=images or None, text=prompts, return_tensors="pt", padding=True,
@@ -255,7 +257,7 @@ class VTWBackend(lmms):
         """Model inputs for a batch of requests: each prompt with its visuals."""
         visuals = [self._visuals(request) for request in chunk]
         prompts = [self.build_prompt(request.context, v) for request, v in zip(chunk, visuals)]
-        inputs = self.encode(prompts, [visual for row in visuals for visual in row])
+        inputs = self.encode(prompts, visuals)
         self._warn_if_too_long(inputs, [request.key for request in chunk])
         return inputs
 
@@ -369,7 +371,9 @@ class VTWBackend(lmms):
     def _generate(self, inputs: dict, gen_kwargs: dict, doc_ids: list, accounting: RequestAccounting) -> list[str]:
         """Answers of one batch (``model.generate``), each stopped while decoding at the task's stop
         strings (where the adapter cuts answers at them); its cost goes to ``accounting``."""
-        settings, until = generation_settings({**self.default_generation_kwargs, **gen_kwargs})
+        settings, until = generation_settings(
+            {**self.default_generation_kwargs, **gen_kwargs, **self.fixed_generation_kwargs}
+        )
         until = self.stop_strings(until)
         input_ids = inputs["input_ids"]
         pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
@@ -398,7 +402,7 @@ class VTWBackend(lmms):
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The logits of one batch at every position that leaves the decoder."""
-        return self._model(**inputs, use_cache=False).logits
+        return self._model(**with_counted_positions(inputs, self.architecture), use_cache=False).logits
 
     def _answer_loglikelihood(self, chunk: list[Request], prefill_flops: dict[str, int]) -> list[tuple[float, bool]]:
         visuals, texts, lengths = [], [], []
@@ -410,7 +414,7 @@ class VTWBackend(lmms):
             whole, prompt_only = (len(self.tokenizer(t)["input_ids"]) for t in (prompt + continuation, prompt))
             if whole - prompt_only < 1:
                 raise ValueError(f"continuation {continuation!r} adds no token to the prompt")
-            visuals += row_visuals
+            visuals.append(row_visuals)
             texts.append(prompt + continuation)
             lengths.append(whole - prompt_only)
         inputs = self.encode(texts, visuals)

@@ -24,7 +24,7 @@ from transformers import Gemma3ForConditionalGeneration
 
 from vtw_eval.backends import arguments
 from vtw_eval.backends.base import VTWBackend
-from vtw_eval.backends.visuals import Visual, jpeg_data_url, per_row
+from vtw_eval.backends.visuals import Visual, jpeg_data_url
 
 
 class VTWGemma3(VTWBackend):
@@ -72,21 +72,22 @@ class VTWGemma3(VTWBackend):
         messages.append({"role": "user", "content": [*[{"type": "image"}] * images, {"type": "text", "text": context}]})
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
-        """Each row's images as lmms-eval sends them (JPEG data URLs) and the processor's padding
-        to a multiple of 8."""
-        images = [
-            image
-            for visual in visuals
-            for image in ([visual] if isinstance(visual, Image.Image) else [Image.fromarray(f) for f in visual])
-        ]
+    def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
+        """Each row's images (a video: its frames) as lmms-eval sends them (JPEG data URLs), and the
+        processor's padding to a multiple of 8."""
         # The processor decodes the data URLs itself, as it does for lmms-eval's chat-template call
         # (its JPEG decoder is not PIL's: decoding here would change pixels).
-        as_sent = [jpeg_data_url(image) for image in images]
-        counts = [prompt.count(self.processor.boi_token) for prompt in prompts]
+        rows = [
+            [
+                jpeg_data_url(image)
+                for visual in row
+                for image in ([visual] if isinstance(visual, Image.Image) else [Image.fromarray(f) for f in visual])
+            ]
+            for row in visuals
+        ]
         inputs = self.processor(
             text=prompts,
-            images=per_row(as_sent, counts) if as_sent else None,
+            images=rows if any(rows) else None,
             padding=True,
             pad_to_multiple_of=8,
             add_special_tokens=self.adds_special_tokens(prompts),

@@ -9,7 +9,8 @@ from transformers import StoppingCriteria
 def generation_settings(gen_kwargs: dict) -> tuple[dict, list[str]]:
     """``model.generate``'s decoding arguments from lmms-eval's (after the adapter's defaults),
     and the ``until`` strings as a list: greedy unless ``do_sample`` or a temperature above 0
-    (then ``top_p``/``top_k`` where given), ``max_new_tokens`` 1024 unless given."""
+    (then ``top_p``/``top_k`` where given), ``max_new_tokens`` 1024 unless given, a
+    ``repetition_penalty`` where given."""
     gen_kwargs = dict(gen_kwargs)
     until = gen_kwargs.pop("until", None) or []
     temperature = float(gen_kwargs.pop("temperature", 0) or 0)
@@ -25,6 +26,8 @@ def generation_settings(gen_kwargs: dict) -> tuple[dict, list[str]]:
         **{key: value for key, value in sampling.items() if do_sample and value is not None},
         "num_beams": int(gen_kwargs.pop("num_beams", None) or 1),
     }
+    if gen_kwargs.get("repetition_penalty") is not None:
+        settings["repetition_penalty"] = float(gen_kwargs.pop("repetition_penalty"))
     return settings, [until] if isinstance(until, str) else list(until)
 
 

@@ -46,9 +46,9 @@ class VTWGlm4v(VTWBackend):
         messages.append({"role": "user", "content": content})
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
         """Images as lmms-eval sends them (JPEG data URLs, which the processor decodes)."""
-        images = [jpeg_data_url(v) for v in visuals if isinstance(v, Image.Image)]
+        images = [jpeg_data_url(v) for row in visuals for v in row if isinstance(v, Image.Image)]
         inputs = self.processor(
             text=prompts,
             images=images or None,

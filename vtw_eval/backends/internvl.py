@@ -48,9 +48,9 @@ class VTWInternVL(VTWBackend):
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": context}]}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
-        images = [v for v in visuals if isinstance(v, Image.Image)]
-        videos = [v for v in visuals if not isinstance(v, Image.Image)]
+    def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
+        images = [v for row in visuals for v in row if isinstance(v, Image.Image)]
+        videos = [v for row in visuals for v in row if not isinstance(v, Image.Image)]
         inputs = self.processor(
             images=images or None,
             videos=videos or None,

@@ -110,11 +110,12 @@ class VTWQwen3VL(VTWBackend):
         thinking = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **thinking)
 
-    def encode(self, prompts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
         """Visuals resized (and videos read and sampled) by qwen_vl_utils, then the processor."""
         elements = [
             {"type": "image", "image": v, **self.image_kwargs} if isinstance(v, Image.Image) else self._video_element(v)
-            for v in visuals
+            for row in visuals
+            for v in row
         ]
         images, videos, video_kwargs = None, None, {}
         if elements:
