@@ -2,7 +2,8 @@
 
 Layers < K run on the full sequence (taken from the unmodified model's hidden states); layers
 >= K run on the kept sub-sequence (every text position, or any ``keep`` subset) with the original
-position ids, a hand-made causal mask (none for a recurrent layer, which runs over the kept tokens
+position ids (also where Llama 4's NoPE layers scale their queries by them), a hand-made causal mask
+(chunked by original position for Llama 4's chunked layers) (none for a recurrent layer, which runs over the kept tokens
 in order; a sliding window counted in original positions), DeepStack features added at kept visual
 positions, and no KV cache; then the final norm and the LM head.
 """
@@ -10,6 +11,7 @@ positions, and no KV cache; then the final norm and the LM head.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 
@@ -19,8 +21,8 @@ def reference_vtw_logits(
     model, inputs: dict, withdraw_layer: int, keep: torch.Tensor | None = None, window_counts: str = "positions"
 ):
     """Logits at the kept positions of a single unpadded prompt, and those positions. A sliding
-    window counts original positions; with ``window_counts="slots"``, kept tokens instead (what a
-    withdrawal that ignores the gaps would do)."""
+    window, Llama 4's chunks and its NoPE layers' query scales count original positions; with
+    ``window_counts="slots"``, kept tokens instead (what a withdrawal that ignores the gaps would do)."""
     language_model = decoder_of(model)
     full, inputs_of_layers, seen = unmodified_forward(model, inputs)
     input_ids = inputs["input_ids"][0]
@@ -47,6 +49,11 @@ def reference_vtw_logits(
     numbers = kept_positions if window_counts == "positions" else torch.arange(len(kept_positions))
     distance = numbers[:, None] - numbers[None, :]
     windowed = causal.masked_fill((distance >= window)[None, None], torch.finfo(hidden.dtype).min) if window else None
+    # Llama 4's chunks by original position: key j is seen from query i if both are in one chunk.
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk:
+        other_chunk = (numbers[:, None] // chunk != numbers[None, :] // chunk)[None, None]
+        chunked = causal.masked_fill(other_chunk, torch.finfo(hidden.dtype).min)
     # DeepStack (Qwen3-VL): features added at the visual positions after the first layers; a kept
     # visual position gets its own row (the rows follow the visual positions in order).
     deepstack = seen.get("deepstack_visual_embeds") or []
@@ -57,19 +64,46 @@ def reference_vtw_logits(
     for index in range(withdraw_layer, len(language_model.layers)):
         # A recurrent (linear attention) layer is causal by construction and takes no mask here.
         mask = {"linear_attention": None, "sliding_attention": windowed}.get(layer_types[index], causal)
+        if layer_types[index] == "chunked_attention":
+            mask = chunked
         if "layer_type" in inspect.signature(language_model.rotary_emb.forward).parameters:  # Gemma 3: per kind
             position_embeddings = language_model.rotary_emb(hidden, kept_ids, layer_types[index])
         else:
             position_embeddings = language_model.rotary_emb(hidden, position_ids=kept_ids)
         # One row of positions: the layer's own too (Ministral 3 scales its queries by them).
         positions = {"position_ids": kept_ids} if kept_ids.ndim == 2 else {}
-        hidden = language_model.layers[index](
-            hidden, attention_mask=mask, position_embeddings=position_embeddings, **positions
-        )
+        with queries_tuned_to(language_model.layers[index], numbers):
+            hidden = language_model.layers[index](
+                hidden, attention_mask=mask, position_embeddings=position_embeddings, **positions
+            )
         if index < len(deepstack) and kept_visual.any():
             hidden = hidden.clone()
             hidden[0, kept_visual] += deepstack[index][rows].to(hidden.dtype)
-    return model.lm_head(language_model.norm(hidden)), kept_positions
+    return model.get_output_embeddings()(language_model.norm(hidden)), kept_positions
+
+
+@contextmanager
+def queries_tuned_to(layer, positions: torch.Tensor):
+    """Llama 4's NoPE layers scale each query by its position, which they count themselves (here,
+    without a cache, from 0 over the kept tokens): within this, such a layer's queries are scaled
+    for ``positions`` instead, by the formula of Llama 4's config (attention temperature tuning)."""
+    attention, config = layer.self_attn, layer.self_attn.config
+    if not getattr(config, "attn_temperature_tuning", False) or config.no_rope_layers[attention.layer_idx]:
+        yield
+        return
+
+    def scale(numbers):
+        return torch.log1p(torch.floor((numbers.float() + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
+
+    def retune(module, args, output):
+        counted = torch.arange(output.shape[1])
+        return output * (scale(positions) / scale(counted))[None, :, None].to(output.dtype)
+
+    handle = attention.q_proj.register_forward_hook(retune)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -93,7 +127,10 @@ def unmodified_forward(model, inputs: dict) -> tuple:
 
 
 def decoder_of(model):
-    """The decoder stack by transformers' attribute names (SmolVLM's is ``text_model``)."""
+    """The decoder stack by transformers' attribute names (SmolVLM's is ``text_model``, Llama 4's
+    ``language_model.model``)."""
+    if not hasattr(model, "model"):
+        return model.language_model.model
     inner = model.model
     return inner.text_model if hasattr(inner, "text_model") else inner.language_model
 

@@ -11,7 +11,6 @@ from tiny_models import (
     BUILDERS,
     NUM_LAYERS,
     adapter_for,
-    build_tiny_gemma3,
     build_tiny_llava,
     build_tiny_qwen2_vl,
     build_tiny_qwen3,
@@ -120,6 +119,8 @@ def test_cached_generation_equals_recompute(tiny, withdraw_layer):
         expected = (prompt_length if layer < withdraw_layer else prompt_length - visual) + 4  # last token not fed back
         if kind == "sliding_attention":  # a sliding layer keeps its last window - 1 slots
             expected = min(expected, config.sliding_window - 1)
+        if kind == "chunked_attention":  # and a chunked one its last chunk - 1 (Llama 4)
+            expected = min(expected, config.attention_chunk_size - 1)
         assert cache_in(cached).layers[layer].keys.shape[-2] == expected
 
 
@@ -242,18 +243,21 @@ def test_an_undeclared_layer_type_is_refused(tmp_path):
     assert VisualTokenWithdrawal(model, 2, declared).num_layers == NUM_LAYERS
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "llama4"])
 def test_sliding_window_counts_original_positions(tmp_path, family):
     """A window of 8 over a prompt whose visual tokens sit between its text: after withdrawal a
     query sees the keys within 8 original positions, not 8 kept tokens (which would reach text
-    beyond the window: the guard, that the two differ here). Gemma 3: layers 0-2 slide."""
+    beyond the window: the guard, that the two differ here). Gemma 3: layers 0-2 slide. Llama 4:
+    layers 0-2 attend within chunks of 8 original positions, and layer 3 scales its queries by
+    their original position, not by their count of kept tokens."""
     if family == "mistral":
         path = build_tiny_llava(tmp_path / family, sliding_window=("mistral", 8))
     else:
-        path = build_tiny_gemma3(tmp_path / family)
+        path = BUILDERS[family](tmp_path / family)
     model, processor = load(path), AutoProcessor.from_pretrained(path)
     inputs = encode(processor, [("Is there a red square in the image ? Answer yes or no .", 2)])
-    for layer in (0, 2):
+    # Llama 4 at K=3: only its NoPE layer runs withdrawn, so only the query scale can differ.
+    for layer in (0, 2, 3) if family == "llama4" else (0, 2):
         by_position, _ = reference_vtw_logits(model, inputs, layer)
         by_slot, _ = reference_vtw_logits(model, inputs, layer, window_counts="slots")
         assert (by_position - by_slot).abs().max() > 1e-3
@@ -330,6 +334,10 @@ def test_fastv_ranks_by_eager_attention_and_matches_the_reference(tiny, keep_rat
         with pytest.raises(ValueError, match=r"layer 1 is linear_attention; prune_layer values .*: none in this model"):
             fastv_method(path, keep_ratio)
         return
+    if family == "llama4":  # its complex rotations, qk norms and NoPE layers are not recomputed
+        with pytest.raises(ValueError, match=r"method=fastv does not know how a 'llama4_text' text model"):
+            fastv_method(path, keep_ratio)
+        return
     model, eager = load(path), load(path, "eager")
     selector = fastv_method(path, keep_ratio).keep_selector(DecoderGeometry.from_config(model.config))
     vtw = withdrawal(model, 2, keep_selector=selector)
@@ -384,8 +392,8 @@ def test_fastv_ranks_by_eager_attention_and_matches_the_reference(tiny, keep_rat
 def test_fastv_and_random_keep_other_tokens_and_give_other_logits(tiny):
     """The guard: at the same ratio, FastV's subset is not random's, and the logits differ."""
     family, path, processor = tiny
-    if family.startswith("qwen3_5"):
-        pytest.skip("FastV is refused on Qwen3.5's tiny model (test above)")
+    if family.startswith("qwen3_5") or family == "llama4":
+        pytest.skip("FastV is refused on Qwen3.5's and Llama 4's tiny models (test above)")
     model = load(path)
     inputs = encode(processor, [(QUESTION, 2)])
     random = RandomVisualSubset(seed=0, count=VisualCount(0.25))

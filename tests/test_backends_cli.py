@@ -13,6 +13,7 @@ from tiny_models import (
     build_tiny_gemma3,
     build_tiny_glm4v,
     build_tiny_internvl,
+    build_tiny_llama4,
     build_tiny_llava,
     build_tiny_llava_onevision,
     build_tiny_mistral3,
@@ -42,6 +43,7 @@ BACKENDS = {
     "vtw_internvl": build_tiny_internvl,
     "vtw_smolvlm": build_tiny_smolvlm,
     "vtw_mistral3": build_tiny_mistral3,
+    "vtw_llama4": build_tiny_llama4,
 }
 
 

@@ -20,6 +20,7 @@ from tiny_models import (
     build_tiny_gemma3,
     build_tiny_glm4v,
     build_tiny_internvl,
+    build_tiny_llama4,
     build_tiny_mistral3,
     build_tiny_qwen3,
     build_tiny_smolvlm,
@@ -42,6 +43,8 @@ FAMILIES = {
     "internvl_hf": ("vtw_internvl", build_tiny_internvl, ""),
     # lmms-eval's mistral3_vl loads float32 on a CPU (bfloat16 on CUDA); its repetition penalty 1.2 applies.
     "mistral3_vl": ("vtw_mistral3", build_tiny_mistral3, ""),
+    # lmms-eval's llama4_scout runs as shipped on transformers 5.25 (5.24's forward failed; NOTES).
+    "llama4_scout": ("vtw_llama4", build_tiny_llama4, ""),
     "huggingface_with_test_shims": ("vtw_smolvlm", build_tiny_smolvlm, ""),
     # vtw_huggingface dispatches the SmolVLM checkpoint to the same adapter by its model_type.
     "huggingface_with_test_shims ": ("vtw_huggingface", build_tiny_smolvlm, ""),

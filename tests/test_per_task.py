@@ -196,7 +196,7 @@ def test_a_failing_calibration_prompt_names_the_task_and_doc(tiny_llava_path, tm
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("backend", ["vtw_smolvlm", "vtw_mistral3"])
+@pytest.mark.parametrize("backend", ["vtw_smolvlm", "vtw_mistral3", "vtw_llama4"])
 def test_each_task_at_its_own_k_on_the_newer_families(backend, tmp_path, task_dir):
     """The same per-task calibration on the families added after LLaVA's tests were written: the
     blind task's K is 0, the image task's is chosen from its own curve, every request runs at its
@@ -211,7 +211,10 @@ def test_each_task_at_its_own_k_on_the_newer_families(backend, tmp_path, task_di
     run_lmms_eval(backend, model_args, "vtw_tiny_mme,vtw_tiny_mme_blind", tmp_path / "out", include_path=task_dir)
     entries = json.loads(next((tmp_path / "calibration").glob("*.json")).read_text())["per_task"]
     assert sorted(entries) == ["vtw_tiny_mme", "vtw_tiny_mme_blind"]
-    assert entries["vtw_tiny_mme_blind"]["withdraw_layer"] == 0 and max(entries["vtw_tiny_mme_blind"]["mean_kl"]) == 0
+    # Without images every candidate K runs the same tokens: KL 0 up to the LM head's rounding (the
+    # calibration applies it to the last position, the model's own logits to every position, and
+    # the two matrix shapes round differently: 6e-8 on Llama 4's tiny model, 0 on the others).
+    assert entries["vtw_tiny_mme_blind"]["withdraw_layer"] == 0 and max(entries["vtw_tiny_mme_blind"]["mean_kl"]) < 1e-6
     mme = entries["vtw_tiny_mme"]
     assert max(mme["mean_kl"]) > 0 and (mme["withdraw_layer"], mme["threshold_met"]) == choose_withdraw_layer(
         mme["mean_kl"], 0.003

@@ -1,6 +1,6 @@
 """Small random checkpoints of every served family (LLaVA-1.5, -NeXT, -OneVision, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, GLM-4.1V, InternVL, SmolVLM, Mistral 3), built offline from configs and saved
-with their processors, and the prompts the tests give them.
+Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, GLM-4.1V, InternVL, SmolVLM, Mistral 3, Llama 4), built
+offline from configs and saved with their processors, and the prompts the tests give them.
 
 They load with ``from_pretrained(path)`` exactly like the hub checkpoints, so every code path a
 GPU user runs is exercised by the tests (and scripts/gpu_check.py) without a model hub.
@@ -578,6 +578,64 @@ def build_tiny_mistral3(path: str | Path, num_layers: int = 4, seed: int = 0) ->
     return _save(path, model, processor)
 
 
+# Llama 4's chat format: header-delimited turns; an image part is the placeholder the processor
+# expands into each tile's patch tokens with tile separators, then the global image's.
+LLAMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+
+
+def build_tiny_llama4(path: str | Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """A Llama4ForConditionalGeneration: a tower over 32 px tiles of 8 px patches, pixel-shuffled
+    into 4 ``<|patch|>`` tokens a tile, images split into up to 2 x 2 tiles plus a global image; a
+    decoder whose layers 0-2 use rotary positions within chunks of 8 tokens and layer 3 none, its
+    queries scaled by position instead (temperature tuning, floor_scale 8, so the scale changes
+    every 8 tokens of a prompt); layers 1 and 3 a mixture of 4 experts with a shared one."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    markers = ["<|header_start|>", "<|header_end|>", "<|eot|>", "<|image_start|>", "<|image_end|>", "<|image|>",
+               "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]  # fmt: skip
+    tokenizer.add_tokens(markers, special_tokens=True)
+    tokenizer.chat_template = LLAMA4_CHAT_TEMPLATE
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    ids = tokenizer.convert_tokens_to_ids
+    text = transformers.Llama4TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, intermediate_size_mlp=128,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        attention_chunk_size=8, floor_scale=8, attn_scale=0.1, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )  # fmt: skip
+    vision = transformers.Llama4VisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, vision_output_dim=64,
+        image_size=32, patch_size=8, pixel_shuffle_ratio=0.5, projector_input_dim=64, projector_output_dim=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+    config = transformers.Llama4Config(
+        text_config=text, vision_config=vision, image_token_index=ids("<|patch|>"),
+        boi_token_index=ids("<|image_start|>"), eoi_token_index=ids("<|image_end|>"), tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.Llama4ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # at the default scale every image gets much the same answer in bfloat16
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.5 if "vision_model" in name or "multi_modal_projector" in name else 0.1)
+    processor = transformers.Llama4Processor(
+        image_processor=transformers.Llama4ImageProcessor(size={"height": 32, "width": 32}, max_patches=4),
+        tokenizer=tokenizer,
+        patch_size=8,
+        pixel_shuffle_ratio=0.5,
+        chat_template=LLAMA4_CHAT_TEMPLATE,
+    )
+    return _save(path, model, processor)
+
+
 BUILDERS = {
     # Sliding windows of 8 tokens, shorter than the prompts: every layer, or layers 2 and 3.
     "llava_mistral_window": lambda path: build_tiny_llava(path, sliding_window=("mistral", 8)),
@@ -589,6 +647,8 @@ BUILDERS = {
     "internvl": build_tiny_internvl,  # tiles of 4 tokens each, plus a thumbnail
     "smolvlm": build_tiny_smolvlm,  # up to 2 x 2 tiles of 4 tokens with row/column markers, plus a global image
     "mistral3": build_tiny_mistral3,  # image rows ended by break tokens; queries scaled by position
+    # Llama 4: chunked RoPE layers 0-2 (chunks of 8), NoPE layer 3 with position-scaled queries, experts in 1 and 3.
+    "llama4": build_tiny_llama4,
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
     # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
@@ -650,4 +710,6 @@ def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, si
     ]
     if type(processor).__name__.startswith(("Gemma3", "SmolVLM")) and images:  # each row's images as a list
         images = per_row(images, [count for _, count in texts_and_counts])
-    return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))
+    inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+    # Llama 4's image processor gives bfloat16 pixels; the tiny models are float32.
+    return {key: value.float() if value.is_floating_point() else value for key, value in inputs.items()}

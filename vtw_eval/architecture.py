@@ -7,12 +7,14 @@ beyond reading its config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 DECODING_POSITIONS = ("count", "from_attention_mask")
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 # The config fields that hold the token ids of visual positions, in transformers' names.
 VISUAL_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
@@ -34,12 +36,21 @@ class Architecture:
       of keys and values, and the 2D padding mask instead of a causal one.
     - ``visual_token_fields``: the config fields naming the token ids whose positions hold visual
       embeddings (image first, then video).
+    - ``complex_rotary``: the decoder gives its layers one complex tensor of rotations (Llama 4)
+      instead of a (cos, sin) pair.
+    - ``query_position_scale``: for attention modules that scale their queries by positions they
+      count themselves (the layer's cache length plus the call's token index: Llama 4's NoPE layers'
+      temperature tuning), given a layer's attention module, the scale as a function of positions,
+      or None where that layer does not scale. The engine rescales each query from the counted
+      position to its own (its original one, counted from the row's first real token).
     """
 
     decoding_positions: str = "count"
     injected_visual_features: str | None = None
     recurrent_layer_types: tuple[str, ...] = ()
     visual_token_fields: tuple[str, ...] = VISUAL_TOKEN_FIELDS
+    complex_rotary: bool = False
+    query_position_scale: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.decoding_positions not in DECODING_POSITIONS:
@@ -106,8 +117,9 @@ def layer_types(text_config) -> list[str]:
 
 def language_model_of(model: nn.Module) -> nn.Module:
     """The decoder stack (the module with ``.layers`` and ``.norm``) of a transformers VLM."""
-    # SmolVLM's decoder is ``model.text_model``; most families name it ``model.language_model``.
-    for path in ("model.language_model", "model.text_model", "language_model", "model"):
+    # SmolVLM's decoder is ``model.text_model``, Llama 4's ``language_model.model``; most families
+    # name it ``model.language_model``.
+    for path in ("model.language_model", "model.text_model", "language_model", "language_model.model", "model"):
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)

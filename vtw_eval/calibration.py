@@ -21,7 +21,13 @@ import datetime
 
 import torch
 
-from vtw_eval.engine import KeptRotary, VisualTokenWithdrawal, plan_withdrawal, with_counted_positions
+from vtw_eval.engine import (
+    KeptRotary,
+    VisualTokenWithdrawal,
+    counted_positions,
+    plan_withdrawal,
+    with_counted_positions,
+)
 
 DEFAULT_KL_THRESHOLD = 0.003
 
@@ -93,32 +99,39 @@ def every_layer_last_hidden(
     ]
     try:
         inputs = with_counted_positions(inputs, withdrawal.architecture)  # padded rows as generate numbers them
-        full = withdrawal.model(**inputs, output_hidden_states=True, use_cache=False)
+        # Queries scaled by position (Llama 4) as the engine scales them: from each row's first real token.
+        with withdrawal.queries_at(counted_positions(inputs.get("attention_mask"), inputs["input_ids"], 0)):
+            full = withdrawal.model(**inputs, output_hidden_states=True, use_cache=False)
     finally:
         for capture in captures:
             capture.remove()
         withdrawal.withdraw_layer = saved
     plan = plan_withdrawal(inputs["input_ids"], inputs.get("attention_mask"), withdrawal.visual_token_ids)
-    kept_rotary = KeptRotary(plan)
+    kept_rotary = KeptRotary(plan, withdrawal.architecture.complex_rotary)
     hidden = None
     for index, layer in enumerate(language_model.layers):
         candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
         hidden = candidate if hidden is None else torch.cat([hidden, candidate.to(hidden.device)], dim=0)
         copies = index + 1
-        cos, sin, position_ids = kept_rotary(
+        embeddings, position_ids = kept_rotary(
             layer_kwargs[index]["position_embeddings"], layer_kwargs[index].get("position_ids")
         )
+        if withdrawal.architecture.complex_rotary:  # one tensor of rotations (Llama 4)
+            embeddings = tile_batch(embeddings, copies, 2)
+        else:
+            embeddings = tuple(tile_batch(tensor, copies, 2) for tensor in embeddings)
         if position_ids is not None:
             position_ids = tile_batch(position_ids, copies, 1)
         mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
-        slot_positions = tile_batch(plan.kept_positions.to(hidden.device), copies, 1)
-        hidden = layer(
-            hidden,
-            attention_mask=withdrawal.layer_mask(index, hidden, mask_2d, None, slot_positions),
-            position_embeddings=(tile_batch(cos, copies, 2), tile_batch(sin, copies, 2)),
-            position_ids=position_ids,
-            use_cache=False,
-        )
+        slot_positions = tile_batch(plan.kept_counted_positions.to(hidden.device), copies, 1)
+        with withdrawal.queries_at(slot_positions):  # queries scaled by their own positions (Llama 4)
+            hidden = layer(
+                hidden,
+                attention_mask=withdrawal.layer_mask(index, hidden, mask_2d, None, slot_positions),
+                position_embeddings=embeddings,
+                position_ids=position_ids,
+                use_cache=False,
+            )
     last = language_model.norm(hidden[:, -positions:])
     batch = plan.kept_positions.shape[0]
     return full.logits[:, -positions:], last.view(withdrawal.num_layers, batch, positions, -1)

@@ -95,17 +95,20 @@ class LinearAttention:
 @dataclass(frozen=True)
 class Experts:
     """A mixture-of-experts MLP: a router over ``num_experts``, ``experts_per_token`` gated experts
-    of width ``expert_intermediate`` per token, and an optional always-on shared expert with its
-    one-output gate (Qwen3.5-MoE)."""
+    of width ``expert_intermediate`` per token (what the implementation computes: Llama 4's runs
+    every expert on every token and weighs their outputs by the router's scores), and an optional
+    always-on shared expert, with a one-output gate (Qwen3.5-MoE) or without (Llama 4)."""
 
     num_experts: int
     experts_per_token: int
     expert_intermediate: int
     shared_intermediate: int = 0
+    shared_gate: bool = True
 
     def token_flops(self, hidden_size: int) -> int:
         d = hidden_size
-        shared = 2 * 3 * d * self.shared_intermediate + 2 * d if self.shared_intermediate else 0
+        gate = 2 * d if self.shared_gate else 0
+        shared = 2 * 3 * d * self.shared_intermediate + gate if self.shared_intermediate else 0
         return 2 * d * self.num_experts + self.experts_per_token * 2 * 3 * d * self.expert_intermediate + shared
 
 
@@ -126,6 +129,7 @@ class DecoderGeometry:
     experts: Experts | None = None  # the MLP of the layers in ``expert_layers``
     expert_layers: tuple[int, ...] = ()
     sliding_window: int | None = None  # of the sliding_attention layers: their cache keeps window - 1 tokens
+    chunk_size: int | None = None  # of the chunked_attention layers: their cache keeps chunk - 1 tokens
 
     @classmethod
     def from_config(cls, config) -> "DecoderGeometry":
@@ -145,8 +149,17 @@ class DecoderGeometry:
                 value_head_dim=text.linear_value_head_dim,
                 conv_kernel=text.linear_conv_kernel_dim,
             )
-        experts, expert_layers = None, ()
-        if getattr(text, "num_experts", None):
+        experts, expert_layers, intermediate = None, (), getattr(text, "intermediate_size", 0) or 0
+        if getattr(text, "num_local_experts", None):  # Llama 4: every expert on every token, dense layers wider
+            experts = Experts(
+                num_experts=text.num_local_experts,
+                experts_per_token=text.num_local_experts,
+                expert_intermediate=text.intermediate_size,
+                shared_intermediate=text.intermediate_size,
+                shared_gate=False,
+            )
+            expert_layers, intermediate = tuple(text.moe_layers), text.intermediate_size_mlp
+        elif getattr(text, "num_experts", None):
             experts = Experts(
                 num_experts=text.num_experts,
                 experts_per_token=text.num_experts_per_tok,
@@ -160,7 +173,7 @@ class DecoderGeometry:
         return cls(
             num_layers=text.num_hidden_layers,
             hidden_size=text.hidden_size,
-            intermediate_size=getattr(text, "intermediate_size", 0) or 0,
+            intermediate_size=intermediate,
             num_heads=heads,
             num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
@@ -170,15 +183,22 @@ class DecoderGeometry:
             experts=experts,
             expert_layers=expert_layers,
             sliding_window=window if layer_types and "sliding_attention" in layer_types else None,
+            chunk_size=getattr(text, "attention_chunk_size", None)
+            if layer_types and "chunked_attention" in kinds
+            else None,
         )
 
     def is_linear(self, layer: int) -> bool:
         return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
 
     def cached_tokens(self, layer: int, tokens: int) -> int:
-        """How many of ``tokens`` a layer's KV cache holds: a sliding-window layer its last window - 1."""
-        if self.layer_types is not None and self.layer_types[layer] == "sliding_attention":
+        """How many of ``tokens`` a layer's KV cache holds: a sliding-window layer its last window - 1,
+        a chunked layer its last chunk - 1 (transformers keeps it as a sliding window of the chunk size)."""
+        kind = self.layer_types[layer] if self.layer_types is not None else "full_attention"
+        if kind == "sliding_attention":
             return min(tokens, self.sliding_window - 1)
+        if kind == "chunked_attention":
+            return min(tokens, self.chunk_size - 1)
         return tokens
 
     def mlp_flops(self, layer: int) -> int:

@@ -36,6 +36,7 @@ batch only.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +65,12 @@ class WithdrawalPlan:
     kept_attention_mask: torch.Tensor  # (batch, n_kept) bool, False at spare slots and padding
     prompt_length: int
     num_removed: torch.Tensor  # (batch,) long: the prompt tokens each row withdraws (padding not counted)
+    left_padding: torch.Tensor  # (batch,) long: each row's padding tokens before its first real one
+
+    @property
+    def kept_counted_positions(self) -> torch.Tensor:
+        """(batch, n_kept): each kept slot's position counted from its row's first real token."""
+        return self.kept_positions - self.left_padding[:, None].to(self.kept_positions.device)
 
     @property
     def batch_rows(self) -> torch.Tensor:
@@ -83,18 +90,24 @@ class KeptRotary:
     """The kept positions' rotary embeddings and position ids, gathered once per embedding: the
     decoder gives every layer the same tensors (Gemma 3 one per kind of layer), and a layer over
     few kept tokens is short enough that a few extra small kernels per layer show (0.23 -> 0.05 ms
-    per layer on CPU)."""
+    per layer on CPU). The embeddings are a (cos, sin) pair, or one complex tensor of rotations
+    (``complex_rotary``, Llama 4)."""
 
-    def __init__(self, plan: WithdrawalPlan):
-        self.plan = plan
-        self._kept: dict[int, tuple] = {}  # id(cos) -> (cos, kept cos, kept sin, kept position ids)
+    def __init__(self, plan: WithdrawalPlan, complex_rotary: bool = False):
+        self.plan, self.complex_rotary = plan, complex_rotary
+        self._kept: dict[int, tuple] = {}  # id(first tensor) -> (it, kept embeddings, kept position ids)
 
-    def __call__(self, position_embeddings: tuple, position_ids: torch.Tensor | None = None) -> tuple:
-        cos, sin = position_embeddings
-        kept = self._kept.get(id(cos))
-        if kept is None or kept[0] is not cos:
+    def __call__(self, position_embeddings, position_ids: torch.Tensor | None = None) -> tuple:
+        """(kept embeddings in the form given, kept position ids or None)."""
+        first = position_embeddings if self.complex_rotary else position_embeddings[0]
+        kept = self._kept.get(id(first))
+        if kept is None or kept[0] is not first:
             kept_ids = None if position_ids is None else self.plan.gather(position_ids[..., None])[..., 0]
-            kept = self._kept[id(cos)] = (cos, self.plan.gather(cos), self.plan.gather(sin), kept_ids)
+            if self.complex_rotary:
+                embeddings = self.plan.gather(position_embeddings)
+            else:
+                embeddings = tuple(self.plan.gather(tensor) for tensor in position_embeddings)
+            kept = self._kept[id(first)] = (first, embeddings, kept_ids)
         return kept[1:]
 
 
@@ -149,7 +162,8 @@ def plan_from_keep_mask(
     kept_positions = order[:, -n_kept:]
     kept_attention_mask = keep.gather(1, kept_positions) & real.gather(1, kept_positions)
     num_removed = (~keep & real).sum(dim=1)
-    return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, keep.shape[1], num_removed)
+    left_padding = (real.cumsum(dim=1) == 0).sum(dim=1)
+    return WithdrawalPlan(visual_mask, kept_positions, kept_attention_mask, keep.shape[1], num_removed, left_padding)
 
 
 def visual_positions(input_ids: torch.Tensor, visual_token_ids: list[int]) -> torch.Tensor:
@@ -198,7 +212,13 @@ class AttentionObserver(Protocol):
 
 # The layer types of ``config.layer_types`` whose masks are causal over the KV cache, by the
 # transformers function that builds them; a recurrent type maps to the 2D padding mask.
-ATTENTION_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+# A chunked layer's mask is the causal one narrowed to the chunks of the kept tokens' own positions.
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention")  # their masks need each slot's position
+ATTENTION_MASKS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+    "chunked_attention": create_causal_mask,
+}
 
 
 class VisualTokenWithdrawal:
@@ -242,6 +262,9 @@ class VisualTokenWithdrawal:
         self._layer_masks: dict[str, torch.Tensor | None] = {}  # built once per call and mask kind
         self._kept_rotary: KeptRotary | None = None  # of the current plan
         self._late_features: list = []  # injected visual features of layers >= K (prefill)
+        self._cache = None  # the KV cache of the current call
+        self._call_positions: torch.Tensor | None = None  # its tokens' positions from each row's first real one
+        self._queries_at: torch.Tensor | None = None  # set by queries_at: positions of direct layer calls
         self._handles = [model.register_forward_pre_hook(self._before_model_call, with_kwargs=True)]
         for index, layer in enumerate(self.language_model.layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
@@ -251,6 +274,12 @@ class VisualTokenWithdrawal:
             )
             for index, layer in enumerate(self.language_model.layers):
                 self._handles.append(layer.register_forward_hook(self._make_injection_hook(index)))
+        if architecture.query_position_scale is not None:
+            for index, layer in enumerate(self.language_model.layers):
+                scale = architecture.query_position_scale(layer.self_attn)
+                if scale is not None:
+                    hook = self._make_query_scale_hook(index, scale)
+                    self._handles.append(layer.self_attn.q_proj.register_forward_hook(hook))
 
     @property
     def keep_selector(self) -> KeepSelector | None:
@@ -306,7 +335,7 @@ class VisualTokenWithdrawal:
             self._set_plan(vtw_plan(visual_mask, attention_mask))
 
     def _set_plan(self, plan: WithdrawalPlan) -> None:
-        self.plan, self._kept_rotary = plan, KeptRotary(plan)
+        self.plan, self._kept_rotary = plan, KeptRotary(plan, self.architecture.complex_rotary)
         self._reduced_2d_mask = plan.kept_attention_mask
 
     # -- the model-level hook: plan at prefill, extend the mask at decoding steps ---------------
@@ -322,8 +351,11 @@ class VisualTokenWithdrawal:
         attention_mask = kwargs.get("attention_mask")
         cache = cache_in(kwargs)
         new_tokens = input_ids.shape[1]
+        self._cache = cache
+        prefill = cache is None or cache.get_seq_length() == 0
+        self._call_positions = counted_positions(attention_mask, input_ids, 0 if prefill else self._seen_tokens)
 
-        if cache is None or cache.get_seq_length() == 0:  # prefill, or a forward without cache
+        if prefill:  # prefill, or a forward without cache
             self._start_batch(input_ids, attention_mask)
             return None
 
@@ -407,8 +439,8 @@ class VisualTokenWithdrawal:
                     keep = keep.to(self._visual_mask.device, torch.bool)  # where the prompt is, as VTW's plan
                     self._set_plan(plan_from_keep_mask(keep, self._prompt_mask, self._visual_mask))
                 hidden = self.plan.gather(hidden)
-            cos, sin, position_ids = self._kept_rotary(kwargs["position_embeddings"], kwargs.get("position_ids"))
-            kwargs["position_embeddings"] = (cos, sin)
+            embeddings, position_ids = self._kept_rotary(kwargs["position_embeddings"], kwargs.get("position_ids"))
+            kwargs["position_embeddings"] = embeddings
             if position_ids is not None:
                 kwargs["position_ids"] = position_ids
         kwargs["attention_mask"] = self._mask_for(layer_index, hidden, cache_in(kwargs))
@@ -422,17 +454,55 @@ class VisualTokenWithdrawal:
         kind = self.layer_kinds[layer_index]
         if kind not in self._layer_masks:
             mask_2d = self._reduced_2d_mask.to(hidden.device)
-            positions = self._slot_positions(hidden.device) if kind == "sliding_attention" else None
+            positions = self._slot_positions(hidden.device) if kind in WINDOWED_LAYER_TYPES else None
             self._layer_masks[kind] = self.layer_mask(layer_index, hidden, mask_2d, cache, positions)
         return self._layer_masks[kind]
 
     def _slot_positions(self, device: torch.device) -> torch.Tensor:
-        """The original position of each slot of the current call's reduced sequence: the kept
-        prompt positions, then every token after the prompt, in order."""
-        kept = self.plan.kept_positions.to(device)
+        """The position of each slot of the current call's reduced sequence, counted from its row's
+        first real token: the kept prompt positions, then every token after the prompt, in order."""
+        kept = self.plan.kept_counted_positions.to(device)
         after_prompt = self._reduced_2d_mask.shape[1] - kept.shape[1]
-        after = torch.arange(self.plan.prompt_length, self.plan.prompt_length + after_prompt, device=device)
-        return torch.cat([kept, after[None].expand(kept.shape[0], -1)], dim=1)
+        start = self.plan.prompt_length - self.plan.left_padding.to(device)[:, None]
+        return torch.cat([kept, start + torch.arange(after_prompt, device=device)[None]], dim=1)
+
+    # -- queries scaled by positions the attention counts itself (Llama 4's NoPE layers) ------
+
+    @contextmanager
+    def queries_at(self, positions: torch.Tensor):
+        """Within it, decoder layers called directly (no cache) over ``positions`` (batch, tokens),
+        counted from each row's first real token, get their queries scaled for those positions
+        (calibration's one-pass KL runs the layers over kept tokens itself)."""
+        self._queries_at = positions
+        try:
+            yield
+        finally:
+            self._queries_at = None
+
+    def _make_query_scale_hook(self, layer_index: int, scale):
+        def hook(module, args, output):
+            positions = self._query_positions(layer_index)
+            if positions is None:
+                return None
+            cache = None if self._queries_at is not None else self._cache
+            # What the attention counts: its layer's cache length, then one per token of the call.
+            cached = cache.get_seq_length(layer_index) if cache is not None else 0
+            counted = torch.arange(cached, cached + output.shape[1], device=output.device)
+            ratio = scale(positions.to(output.device)) / scale(counted)[None]
+            return output * ratio[..., None].to(output.dtype)
+
+        return hook
+
+    def _query_positions(self, layer_index: int) -> torch.Tensor | None:
+        """The positions of the queries of the current call of a layer (batch, tokens), or None
+        where the layer runs as in the unmodified model."""
+        if self._queries_at is not None:
+            return self._queries_at
+        if not self.active or self._call_positions is None:
+            return None
+        if self.plan is not None and self._prefill and layer_index >= self._withdraw_layer:
+            return self.plan.kept_counted_positions
+        return self._call_positions
 
     def layer_mask(
         self, layer_index: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, positions: torch.Tensor | None
@@ -443,8 +513,8 @@ class VisualTokenWithdrawal:
 
         ``hidden`` is the layer's input (batch, tokens, features); ``mask_2d`` (batch, cached + tokens)
         is False at padding and at the spare slots of rows that kept fewer tokens; ``positions`` (the
-        same shape; needed by sliding-window layers only) is each slot's original position, by which
-        their window counts."""
+        same shape; needed by sliding-window and chunked layers only) is each slot's position counted
+        from its row's first real token, by which their window or chunk counts."""
         config = self.language_model.config
         kind = self.layer_kinds[layer_index]
         if kind in self.architecture.recurrent_layer_types:  # the 2D padding mask of the new tokens, or None
@@ -452,9 +522,33 @@ class VisualTokenWithdrawal:
         window = {}
         if kind == "sliding_attention":
             window["and_mask_function"] = original_position_window(positions, config.sliding_window)
+        elif kind == "chunked_attention":
+            window["and_mask_function"] = original_position_chunks(positions, config.attention_chunk_size)
         # The cache goes by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
         layer_idx = layer_index if cache is not None else None
         return ATTENTION_MASKS[kind](config, hidden, mask_2d, cache, layer_idx=layer_idx, **window)
+
+
+def original_position_chunks(positions: torch.Tensor, chunk_size: int):
+    """A mask function for transformers' mask builders: a query sees a key only if both sit in the
+    same chunk of ``chunk_size`` positions, counted from the row's first real token as transformers'
+    own chunked masks count them (``positions``: (batch, slots), each slot's position). Counting
+    kept slots instead would move the chunk borders by the withdrawn tokens."""
+
+    def same_chunk(batch_idx, head_idx, q_idx, kv_idx):
+        return positions[batch_idx, kv_idx] // chunk_size == positions[batch_idx, q_idx] // chunk_size
+
+    return same_chunk
+
+
+def counted_positions(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, seen: int) -> torch.Tensor:
+    """(batch, new tokens): the positions of a call's tokens counted from each row's first real
+    token, from the 2D attention mask over everything seen (as ``generate`` numbers them); without
+    a mask, from ``seen``, the tokens before the call."""
+    new_tokens = input_ids.shape[1]
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.arange(seen, seen + new_tokens, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_tokens:]
 
 
 def original_position_window(positions: torch.Tensor, window: int):

@@ -15,6 +15,7 @@ BACKENDS = {
     "vtw_gemma3": "vtw_eval.backends.gemma3.VTWGemma3",
     "vtw_glm4v": "vtw_eval.backends.glm4v.VTWGlm4v",
     "vtw_internvl": "vtw_eval.backends.internvl.VTWInternVL",
+    "vtw_llama4": "vtw_eval.backends.llama4.VTWLlama4",
     "vtw_mistral3": "vtw_eval.backends.mistral3.VTWMistral3",
     "vtw_smolvlm": "vtw_eval.backends.huggingface.VTWSmolVLM",
     # any model type the backends above serve, with lmms-eval's generic huggingface prompts
