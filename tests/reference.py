@@ -87,7 +87,8 @@ def queries_tuned_to(layer, positions: torch.Tensor):
     """Llama 4's NoPE layers scale each query by its position, which they count themselves (here,
     without a cache, from 0 over the kept tokens): within this, such a layer's queries are scaled
     for ``positions`` instead, by the formula of Llama 4's config (attention temperature tuning)."""
-    attention, config = layer.self_attn, layer.self_attn.config
+    attention = getattr(layer, "self_attn", None)  # a recurrent layer (Qwen3.5) has none
+    config = getattr(attention, "config", None)
     if not getattr(config, "attn_temperature_tuning", False) or config.no_rope_layers[attention.layer_idx]:
         yield
         return

@@ -150,7 +150,7 @@ class DecoderGeometry:
                 conv_kernel=text.linear_conv_kernel_dim,
             )
         experts, expert_layers, intermediate = None, (), getattr(text, "intermediate_size", 0) or 0
-        if getattr(text, "num_local_experts", None):  # Llama 4: every expert on every token, dense layers wider
+        if text.model_type == "llama4_text":  # every expert on every token; its dense layers are wider
             experts = Experts(
                 num_experts=text.num_local_experts,
                 experts_per_token=text.num_local_experts,

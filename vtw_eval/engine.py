@@ -24,6 +24,11 @@ states; the spare slots of a row that keeps fewer tokens get the 2D padding mask
 gives such layers for left padding (the layer zeroes those positions, so they leave the states
 untouched).
 
+Positions the attention counts itself follow the kept tokens' own: sliding windows and Llama 4's
+chunks are masked by them, and queries that a layer scales by the position it counts (Llama 4's
+NoPE layers; declared by the adapter) are rescaled to them by a forward hook on that layer's
+``q_proj``.
+
 Which positions go is a plan built from a keep mask (per row, any ordered subset of the prompt's
 positions). VTW keeps every text position; another method gives a ``KeepSelector``, asked at the
 first withdrawn layer of each prefill, after the layers before it ran (so it may use what its own
@@ -127,7 +132,7 @@ def with_counted_positions(inputs: dict, architecture: Architecture) -> dict:
     mask = inputs.get("attention_mask")
     if architecture.decoding_positions != "count" or mask is None or "position_ids" in inputs:
         return inputs
-    return {**inputs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+    return {**inputs, "position_ids": counted_positions(mask, inputs["input_ids"], 0)}
 
 
 def cache_bytes(cache) -> int:
