@@ -11,17 +11,15 @@ decoding from the 2D attention mask; kept tokens keep their positions.
 
 from __future__ import annotations
 
-import torch
-from PIL import Image
 from transformers import Glm4vForConditionalGeneration
 
 from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
 from vtw_eval.backends.base import VTWBackend
-from vtw_eval.backends.visuals import Visual, jpeg_data_url
+from vtw_eval.backends.chat_prompts import SystemThenImagesThenText
 
 
-class VTWGlm4v(VTWBackend):
+class VTWGlm4v(SystemThenImagesThenText, VTWBackend):
     # The MoE GLM-4.6V (Glm4vMoeForConditionalGeneration) is not served: its experts are not in the cost model.
     model_classes = {"glm4v": Glm4vForConditionalGeneration}
     architecture = Architecture(decoding_positions="from_attention_mask")  # 3-D rotary positions follow the 2D mask
@@ -39,22 +37,3 @@ class VTWGlm4v(VTWBackend):
         }
         self.system_prompt = system_prompt
         super().__init__(pretrained, **kwargs)
-
-    def build_prompt(self, context: str, visuals: list[Visual]) -> str:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        content = [*[{"type": "image"}] * len(visuals), {"type": "text", "text": context.replace("<image>", "")}]
-        messages.append({"role": "user", "content": content})
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
-        """Images as lmms-eval sends them (JPEG data URLs, which the processor decodes)."""
-        images = [jpeg_data_url(v) for row in visuals for v in row if isinstance(v, Image.Image)]
-        inputs = self.processor(
-            text=prompts,
-            images=images or None,
-            padding=True,
-            add_special_tokens=self.adds_special_tokens(prompts),
-            return_tensors="pt",
-        )
-        inputs.pop("token_type_ids", None)  # lmms-eval's glm4v drops them too
-        return self._on_device(inputs)

@@ -21,14 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import Llama4ForConditionalGeneration
 
 from vtw_eval.architecture import Architecture
 from vtw_eval.backends import arguments
 from vtw_eval.backends.base import VTWBackend
-from vtw_eval.backends.visuals import Visual, jpeg_data_url
+from vtw_eval.backends.chat_prompts import SystemThenImagesThenText
 
 
 def temperature_tuning(attention: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -40,7 +39,7 @@ def temperature_tuning(attention: nn.Module) -> Callable[[torch.Tensor], torch.T
     return lambda positions: torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
-class VTWLlama4(VTWBackend):
+class VTWLlama4(SystemThenImagesThenText, VTWBackend):
     model_classes = {"llama4": Llama4ForConditionalGeneration}
     architecture = Architecture(complex_rotary=True, query_position_scale=temperature_tuning)
     decode_kwargs = {"clean_up_tokenization_spaces": False}
@@ -64,28 +63,6 @@ class VTWLlama4(VTWBackend):
         arguments.integer("max_frames_num", max_frames_num)  # for its videos, which this backend refuses
         self.system_prompt = system_prompt
         super().__init__(pretrained, **kwargs)
-
-    def build_prompt(self, context: str, visuals: list[Visual]) -> str:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        content = [*[{"type": "image"}] * len(visuals), {"type": "text", "text": context.replace("<image>", "")}]
-        messages.append({"role": "user", "content": content})
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
-        """Images as lmms-eval sends them (JPEG data URLs, which the processor decodes); its image
-        processor gives bfloat16 pixels, cast to the model's dtype."""
-        images = [jpeg_data_url(v) for row in visuals for v in row if isinstance(v, Image.Image)]
-        inputs = self.processor(
-            text=prompts,
-            images=images or None,
-            padding=True,
-            add_special_tokens=self.adds_special_tokens(prompts),
-            return_tensors="pt",
-        )
-        return self._on_device(inputs)
-
-    def video_frames(self, path: str) -> Visual:
-        raise ValueError(f"{type(self).__name__} takes images, not videos ({path})")
 
     def stop_strings(self, until: list[str]) -> list[str]:
         """The task's, else the end-of-turn token's text, as lmms-eval's llama4_scout."""

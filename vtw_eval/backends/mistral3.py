@@ -79,9 +79,6 @@ class VTWMistral3(VTWBackend):
         plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
         return self.tokenizer.decode(with_special[: len(with_special) - len(plain)]) if with_special != plain else ""
 
-    def video_frames(self, path: str) -> Visual:
-        raise ValueError(f"{type(self).__name__} takes images, not videos ({path}), as lmms-eval's mistral3_vl")
-
     def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
         """Every prompt already holds its special tokens (image prompts: written out; the others:
         from the chat template)."""
