@@ -3,12 +3,14 @@ generic huggingface backend gets wrong done right (its parity runs are in test_l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import transformers
 from lmms_eval.api.instance import Instance
 from tiny_models import build_tiny_qwen2_vl, build_tiny_smolvlm, picture
 
-from vtw_eval.backends.huggingface import VTWHuggingface, VTWSmolVLM
+from vtw_eval.backends.huggingface import VTWHuggingface, VTWSmolVLM, system_turn
 from vtw_eval.backends.qwen2_vl import VTWQwen2VL
 
 QUESTIONS = ["Is there a red square ?", "What colour is it ?", "Is it big ?", "Is there a circle ?"]
@@ -46,6 +48,15 @@ def test_a_served_model_type_gets_its_familys_class_and_engine_declaration(tmp_p
     assert lm.architecture == VTWQwen2VL.architecture and lm.architecture.decoding_positions == "from_attention_mask"
     assert lm.build_prompt("Hi", [picture(0)]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert answers[1] != answers["none"]
+
+
+def test_a_system_prompt_is_text_or_a_files_text():
+    """As lmms-eval reads it: ``\\n`` as a newline, a file's text when it names a file; a prompt
+    longer than a file name can be is text, not an error."""
+    assert system_turn("Be brief.\\nAnswer in one word.") == "Be brief.\nAnswer in one word."
+    assert system_turn("x" * 5000) == "x" * 5000
+    assert system_turn(str(Path(__file__))).startswith('"""vtw_huggingface and vtw_smolvlm in-process')
+    assert system_turn("") is None and system_turn(None) is None
 
 
 def test_answers_are_not_cut_at_the_tasks_until_strings(tmp_path):

@@ -25,6 +25,7 @@ loading, naming the served ones. ``vtw_smolvlm`` is the same backend for SmolVLM
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -110,7 +111,9 @@ def system_turn(prompt: str | None) -> str | None:
     if not prompt:
         return None
     prompt = prompt.replace("\\n", "\n")
-    return Path(prompt).read_text().strip() if Path(prompt).is_file() else prompt
+    # os.path.isfile, not Path.is_file: a long prompt is a name too long for the file system,
+    # which Path.is_file raises on and isfile answers False to (as lmms-eval's check does).
+    return Path(prompt).read_text().strip() if os.path.isfile(prompt) else prompt
 
 
 def served_model_classes(backend: type) -> dict[str, type]:
