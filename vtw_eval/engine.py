@@ -358,7 +358,9 @@ class VisualTokenWithdrawal:
         new_tokens = input_ids.shape[1]
         self._cache = cache
         prefill = cache is None or cache.get_seq_length() == 0
-        self._call_positions = counted_positions(attention_mask, input_ids, 0 if prefill else self._seen_tokens)
+        if self.architecture.query_position_scale is not None:  # only its query-scale hooks read them
+            seen = 0 if prefill else self._seen_tokens
+            self._call_positions = counted_positions(attention_mask, input_ids, seen)
 
         if prefill:  # prefill, or a forward without cache
             self._start_batch(input_ids, attention_mask)

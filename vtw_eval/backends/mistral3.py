@@ -36,7 +36,6 @@ class VTWMistral3(VTWBackend):
     default_generation_kwargs = {"max_new_tokens": 512, "temperature": 0.6}
     # ... and what it sets whatever the task says (top_p applies when sampling only).
     fixed_generation_kwargs = {"top_p": 0.9, "repetition_penalty": 1.2}
-    strips_answers = True
 
     def __init__(
         self,
@@ -57,6 +56,7 @@ class VTWMistral3(VTWBackend):
         self.disable_thinking = arguments.boolean("disable_thinking", disable_thinking)
         self.no_think_prompt = no_think_prompt or NO_THINK_PROMPT
         super().__init__(pretrained, **kwargs)
+        self.special_tokens_prefix = special_tokens_prefix(self.tokenizer)
 
     def build_prompt(self, context: str, visuals: list[Visual]) -> str:
         if self.disable_thinking:
@@ -70,14 +70,7 @@ class VTWMistral3(VTWBackend):
         else:
             images = "".join(f"Image {index + 1}: {image_token}\n" for index in range(len(visuals)))
         # The tokenizer adds its special tokens to this text as well, as it does in lmms-eval.
-        return self.special_tokens_prefix() + f"<s>[INST]{images}\n{context}[/INST]"
-
-    def special_tokens_prefix(self) -> str:
-        """What the tokenizer puts before a text when it adds its special tokens (a BOS, for
-        Mistral's tokenizers), written out so that every prompt of a batch is encoded alike."""
-        with_special = self.tokenizer("x", add_special_tokens=True)["input_ids"]
-        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        return self.tokenizer.decode(with_special[: len(with_special) - len(plain)]) if with_special != plain else ""
+        return self.special_tokens_prefix + f"<s>[INST]{images}\n{context}[/INST]"
 
     def encode(self, prompts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
         """Every prompt already holds its special tokens (image prompts: written out; the others:
@@ -96,3 +89,11 @@ class VTWMistral3(VTWBackend):
     def finish_answer(self, text: str) -> str:
         text = parse_reasoning_model_answer(text)
         return text.split("</think>")[-1].strip()
+
+
+def special_tokens_prefix(tokenizer) -> str:
+    """What ``tokenizer`` puts before a text when it adds its special tokens (a BOS, for Mistral's
+    tokenizers), written out so that every prompt of a batch is encoded alike."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(with_special[: len(with_special) - len(plain)]) if with_special != plain else ""
