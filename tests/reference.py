@@ -5,7 +5,10 @@ Layers < K run on the full sequence (taken from the unmodified model's hidden st
 position ids (also where Llama 4's NoPE layers scale their queries by them), a hand-made causal mask
 (chunked by original position for Llama 4's chunked layers) (none for a recurrent layer, which runs over the kept tokens
 in order; a sliding window counted in original positions), DeepStack features added at kept visual
-positions, and no KV cache; then the final norm and the LM head.
+positions, and no KV cache; then the final norm and the LM head. Gemma 4: each layer's per-layer
+input at the kept positions; a KV-shared layer reads its producer's keys (the last layer of its
+kind before the shared ones): the kept ones if the producer is >= K, else all of them from the
+unmodified forward with the withdrawn positions masked.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def reference_vtw_logits(
     window, Llama 4's chunks and its NoPE layers' query scales count original positions; with
     ``window_counts="slots"``, kept tokens instead (what a withdrawal that ignores the gaps would do)."""
     language_model = decoder_of(model)
-    full, inputs_of_layers, seen = unmodified_forward(model, inputs)
+    full, inputs_of_layers, seen, second_inputs, stored_keys = unmodified_forward(model, inputs)
     input_ids = inputs["input_ids"][0]
     if keep is None:
         keep = ~torch.isin(input_ids, torch.tensor(visual_ids(model.config)))
@@ -61,6 +64,8 @@ def reference_vtw_logits(
         visual = seen["visual_pos_masks"][0]
         kept_visual = visual[kept_positions]
         rows = (visual.cumsum(0) - 1)[kept_positions][kept_visual]
+    producers = shared_key_producers(config)
+    stored = {}  # keys and values the layers >= K store for the layers that share them
     for index in range(withdraw_layer, len(language_model.layers)):
         # A recurrent (linear attention) layer is causal by construction and takes no mask here.
         mask = {"linear_attention": None, "sliding_attention": windowed}.get(layer_types[index], causal)
@@ -72,9 +77,25 @@ def reference_vtw_logits(
             position_embeddings = language_model.rotary_emb(hidden, position_ids=kept_ids)
         # One row of positions: the layer's own too (Ministral 3 scales its queries by them).
         positions = {"position_ids": kept_ids} if kept_ids.ndim == 2 else {}
+        extra = []  # Gemma 4's per-layer input, kept positions
+        if second_inputs[index] is not None:
+            extra = [second_inputs[index][:, kept_positions]]
+        if "shared_kv_states" in inspect.signature(language_model.layers[index].forward).parameters:
+            positions["shared_kv_states"] = stored  # Gemma 4's layers store keys there (or read them)
+        if producers:
+            producer = producers[index]
+            if producer is not None and producer < withdraw_layer:  # every token's keys, withdrawn ones masked
+                kind = layer_types[index]
+                stored[kind] = stored_keys[kind]
+                everything = torch.arange(len(input_ids))
+                hidden_mask = (everything[None, :] > kept_positions[:, None]) | ~keep[None, :]
+                if kind == "sliding_attention":
+                    hidden_mask |= everything[None, :] <= kept_positions[:, None] - window
+                mask = torch.zeros(hidden_mask.shape, dtype=hidden.dtype)
+                mask = mask.masked_fill(hidden_mask, torch.finfo(hidden.dtype).min)[None, None]
         with queries_tuned_to(language_model.layers[index], numbers):
             hidden = language_model.layers[index](
-                hidden, attention_mask=mask, position_embeddings=position_embeddings, **positions
+                hidden, *extra, attention_mask=mask, position_embeddings=position_embeddings, **positions
             )
         if index < len(deepstack) and kept_visual.any():
             hidden = hidden.clone()
@@ -107,24 +128,38 @@ def queries_tuned_to(layer, positions: torch.Tensor):
         handle.remove()
 
 
+def shared_key_producers(config) -> list:
+    """Gemma 4: for each layer, the layer whose keys it reads (the last of its kind before the
+    last ``num_kv_shared_layers``), or None; an empty list for models that share none."""
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    if not shared:
+        return []
+    kinds, first = config.layer_types, config.num_hidden_layers - shared
+    last_of_kind = {kind: index for index, kind in enumerate(kinds[:first])}
+    return [None if index < first else last_of_kind[kind] for index, kind in enumerate(kinds)]
+
+
 @torch.no_grad()
 def unmodified_forward(model, inputs: dict) -> tuple:
     """The unmodified model's output, each decoder layer's input (after DeepStack's additions of
-    the layers before it, which ``output_hidden_states`` does not include) and the keyword
-    arguments its language model got (position ids: 3 rows for Qwen2-VL; DeepStack's features)."""
+    the layers before it, which ``output_hidden_states`` does not include), the keyword arguments
+    its language model got (position ids: 3 rows for Qwen2-VL; DeepStack's features), each layer's
+    second positional input (Gemma 4's per-layer input; else None) and the keys and values its
+    layers stored for sharing, by layer type (Gemma 4)."""
     language_model = decoder_of(model)
-    seen, layer_inputs = {}, []
+    seen, layer_inputs, second_inputs, stored = {}, [], [], {}
+
+    def record(module, args, kwargs):
+        layer_inputs.append(args[0] if args else kwargs["hidden_states"])
+        second_inputs.append(args[1] if len(args) > 1 else None)
+        stored["keys"] = kwargs.get("shared_kv_states")
+
     handles = [language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)]
-    for layer in language_model.layers:
-        handles.append(
-            layer.register_forward_pre_hook(
-                lambda m, a, kw: layer_inputs.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
-            )
-        )
+    handles += [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in language_model.layers]
     full = model(**inputs, use_cache=False)
     for handle in handles:
         handle.remove()
-    return full, layer_inputs, seen
+    return full, layer_inputs, seen, second_inputs, dict(stored.get("keys") or {})
 
 
 def decoder_of(model):

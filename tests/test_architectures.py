@@ -113,8 +113,9 @@ def test_cached_generation_equals_recompute(tiny, withdraw_layer):
     prompt_length = inputs["input_ids"].shape[1]
     visual = int(torch.isin(inputs["input_ids"], torch.tensor(suppress)).sum())
     config = model.config.get_text_config()
+    producers = adapter_for(model).architecture.key_producers(config)
     for layer, kind in enumerate(layer_types(config)):
-        if kind == "linear_attention":
+        if kind == "linear_attention" or producers[layer] is not None:  # a KV-shared layer caches nothing
             continue
         expected = (prompt_length if layer < withdraw_layer else prompt_length - visual) + 4  # last token not fed back
         if kind == "sliding_attention":  # a sliding layer keeps its last window - 1 slots
@@ -334,8 +335,8 @@ def test_fastv_ranks_by_eager_attention_and_matches_the_reference(tiny, keep_rat
         with pytest.raises(ValueError, match=r"layer 1 is linear_attention; prune_layer values .*: none in this model"):
             fastv_method(path, keep_ratio)
         return
-    if family == "llama4":  # its complex rotations, qk norms and NoPE layers are not recomputed
-        with pytest.raises(ValueError, match=r"method=fastv does not know how a 'llama4_text' text model"):
+    if family.startswith(("llama4", "gemma4")):  # their attentions are not recomputed (docs/methods)
+        with pytest.raises(ValueError, match=rf"method=fastv does not know how a '{family[:6]}_text' text model"):
             fastv_method(path, keep_ratio)
         return
     model, eager = load(path), load(path, "eager")
@@ -392,8 +393,8 @@ def test_fastv_ranks_by_eager_attention_and_matches_the_reference(tiny, keep_rat
 def test_fastv_and_random_keep_other_tokens_and_give_other_logits(tiny):
     """The guard: at the same ratio, FastV's subset is not random's, and the logits differ."""
     family, path, processor = tiny
-    if family.startswith("qwen3_5") or family == "llama4":
-        pytest.skip("FastV is refused on Qwen3.5's and Llama 4's tiny models (test above)")
+    if family.startswith(("qwen3_5", "llama4", "gemma4")):
+        pytest.skip("FastV is refused on Qwen3.5's, Llama 4's and Gemma 4's tiny models (test above)")
     model = load(path)
     inputs = encode(processor, [(QUESTION, 2)])
     random = RandomVisualSubset(seed=0, count=VisualCount(0.25))

@@ -11,6 +11,7 @@ from tiny_models import NUM_LAYERS
 from transformers import LlavaConfig, Qwen2Config
 
 from vtw_eval.accounting import image_token_runs
+from vtw_eval.architecture import layer_types
 from vtw_eval.cost import DecoderGeometry, Qwen2VLWholeModel, WholeModel, analytic_prefill_speedup, whole_model_of
 from vtw_eval.engine import cache_bytes, cache_in
 
@@ -427,7 +428,9 @@ def test_gemma3_recorded_cache_equals_the_real_cache(tmp_path, withdraw_layer):
 # 4 tokens each (pixel shuffle of 4 x 4 patches). Mistral 3: padded to 64 x 48 pixels, 8 px patches
 # merged 2 x 2, so 4 columns x 3 rows of [IMG] (the rows' break and end tokens are not visual).
 # Llama 4: 2 x 2 tiles of 32 px and the global image, 4 <|patch|> tokens each (pixel shuffle of 4 x 4 patches).
-VISUAL_TOKENS_OF_A_64_BY_40_PICTURE = {"smolvlm": 20, "mistral3": 12, "llama4": 20}
+# Gemma 4 at lmms-eval's budget of 280 soft tokens: resized keeping its shape to the most 8 px patches
+# within 4 x 280, sides multiples of 16 (336 x 208), then pooled 2 x 2: 21 x 13.
+VISUAL_TOKENS_OF_A_64_BY_40_PICTURE = {"smolvlm": 20, "mistral3": 12, "llama4": 20, "gemma4": 273}
 
 
 @pytest.mark.parametrize("family", sorted(VISUAL_TOKENS_OF_A_64_BY_40_PICTURE))
@@ -446,8 +449,10 @@ def test_recorded_cache_of_newer_families_equals_the_real_cache(tmp_path, family
     lm = backend(
         pretrained=str(path), withdraw_layer=withdraw_layer, device="cpu", accounting_file=str(accounting_file)
     )
-    caches = []
-    lm.model.register_forward_pre_hook(lambda m, a, kw: caches.append(cache_in(kw)), with_kwargs=True)
+    caches, lengths = [], []
+    lm.model.register_forward_pre_hook(
+        lambda m, a, kw: caches.append(cache_in(kw)) or lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
     lm.task_dict = {"tiny": {"test": [{"image": picture(0, (64, 40))}]}}
     arguments = ("Is it red ?", {"max_new_tokens": 4}, lambda doc: [doc["image"]], 0, "tiny", "test")
     request = Instance("generate_until", arguments, idx=0, metadata={"task": "tiny", "doc_id": 0, "repeats": 1})
@@ -456,19 +461,33 @@ def test_recorded_cache_of_newer_families_equals_the_real_cache(tmp_path, family
     visual = VISUAL_TOKENS_OF_A_64_BY_40_PICTURE[family]
     withdrawn = visual if withdraw_layer == 1 else 0
     assert record["visual_tokens"] == visual and record["kept_tokens"] == record["prompt_tokens"] - withdrawn
-    lengths = [layer.keys.shape[-2] for layer in caches[-1].layers]
-    seen = record["prompt_tokens"] + record["generated_tokens"] - 1
+    # Gemma 4's processor pads prompts to a multiple of 8 tokens; the records count no padding.
+    padding = lengths[0] - record["prompt_tokens"]
+    assert padding == (0 if family != "gemma4" else -record["prompt_tokens"] % 8)
+    seen = lengths[0] + record["generated_tokens"] - 1
     expected = [seen] + [seen - withdrawn] * (NUM_LAYERS - 1)
     text = lm.model.config.get_text_config()
     for layer, kind in enumerate(getattr(text, "layer_types", None) or []):
         if kind == "chunked_attention":  # Llama 4's chunked layers keep their last chunk - 1 tokens
             expected[layer] = min(expected[layer], text.attention_chunk_size - 1)
-    assert lengths == expected
+        if kind == "sliding_attention":  # Gemma 4's sliding layers their last window - 1
+            expected[layer] = min(expected[layer], text.sliding_window - 1)
+    # Gemma 4's KV-shared layers cache nothing: their keys are counted once, in their producers.
+    producers = lm.architecture.key_producers(text)
+    expected = [length for layer, length in enumerate(expected) if producers[layer] is None]
+    cached = [layer for layer in caches[-1].layers if layer.keys is not None]
+    assert [layer.keys.shape[-2] for layer in cached] == expected
     key = "kv_cache_bytes_baseline" if withdraw_layer == "none" else "kv_cache_bytes_vtw"
-    assert record[key] == cache_bytes(caches[-1])
+    # Padding's keys and values sit in the layers that keep every token (not in a full window).
+    per_token = [2 * layer.keys[:, :, :1].numel() * layer.keys.element_size() for layer in cached]
+    kinds = [kind for layer, kind in enumerate(layer_types(text)) if producers[layer] is None]
+    padded = sum(size for size, kind in zip(per_token, kinds) if kind == "full_attention")
+    assert record[key] == cache_bytes(caches[-1]) - padding * padded
 
 
-@pytest.mark.parametrize("family", ["gemma3", "glm4v", "internvl", "smolvlm", "mistral3", "llama4"])
+@pytest.mark.parametrize(
+    "family", ["gemma3", "glm4v", "internvl", "smolvlm", "mistral3", "llama4", "gemma4", "gemma4_moe"]
+)
 def test_decoder_flops_of_families_without_tower_model_equal_torchs_flop_counter(tmp_path, family):
     """The decoder layers' prefill at K = 2, counted by PyTorch per layer (eager attention: the
     full n x n products, as the cost model counts them, sliding windows included). Their towers are
@@ -480,20 +499,33 @@ def test_decoder_flops_of_families_without_tower_model_equal_torchs_flop_counter
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = BUILDERS[family](tmp_path / family)
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    # Experts one by one (transformers' default groups them in one _grouped_mm, which PyTorch's
+    # counter does not count).
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
     inputs = encode(AutoProcessor.from_pretrained(path), [("Is there a red square in the image ? Say yes or no .", 2)])
     engine = withdrawal(model, 2)
-    with FlopCounterMode(display=False, depth=10) as counter, torch.no_grad():
-        model(**inputs, use_cache=False, logits_to_keep=1)
-    layers = [
-        name
-        for name in counter.get_flop_counts()
-        if re.search(r"\.(language|text)_model(\.model)?\.layers\.\d+$", name)
-    ]
-    assert len(layers) == NUM_LAYERS
-    decoder = sum(sum(counter.get_flop_counts()[name].values()) for name in layers)
     tokens = inputs["input_ids"].shape[1]
     visual = int(torch.isin(inputs["input_ids"], torch.tensor(engine.visual_token_ids)).sum())
     assert 0 < visual < tokens
-    assert decoder == DecoderGeometry.from_config(model.config).prefill_flops(tokens, visual, 2)
+    # Gemma 4's layers 2 and 3 read the keys of 0 and 1: K = 1 splits them (one reads every token's
+    # keys, one the kept ones); generate's last logit only (its KV-shared layers then run on the last
+    # position), or every logit.
+    cases = [(2, 1), (1, 1), (1, 0)] if family == "gemma4" else [(2, 1)]
+    for withdraw_layer, logits_to_keep in cases:
+        engine.withdraw_layer = withdraw_layer
+        with FlopCounterMode(display=False, depth=10) as counter, torch.no_grad():
+            model(**inputs, use_cache=False, logits_to_keep=logits_to_keep)
+        layers = [
+            name
+            for name in counter.get_flop_counts()
+            if re.search(r"\.(language|text)_model(\.model)?\.layers\.\d+$", name)
+        ]
+        assert len(layers) == NUM_LAYERS
+        decoder = sum(sum(counter.get_flop_counts()[name].values()) for name in layers)
+        expected = DecoderGeometry.from_config(model.config).prefill_flops(
+            tokens, visual, withdraw_layer, every_position=logits_to_keep == 0
+        )
+        assert decoder == expected, (withdraw_layer, logits_to_keep)
     assert whole_model_of(model.config) is None

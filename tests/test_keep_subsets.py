@@ -62,7 +62,7 @@ def test_every_layer_with_a_subset_matches_the_reference(tiny, selector):
     model, processor = tiny
     inputs = encode(processor, [(QUESTION, 2)])
     visual_mask = torch.isin(inputs["input_ids"], torch.tensor(visual_ids(model.config)))
-    _, hidden_states, _ = unmodified_forward(model, inputs)  # each layer's input
+    hidden_states = unmodified_forward(model, inputs)[1]  # each layer's input
     last = []
     for layer in range(NUM_LAYERS):
         keep = selector(visual_mask, inputs["attention_mask"], hidden_states[layer])

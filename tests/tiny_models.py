@@ -1,6 +1,6 @@
 """Small random checkpoints of every served family (LLaVA-1.5, -NeXT, -OneVision, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, GLM-4.1V, InternVL, SmolVLM, Mistral 3, Llama 4), built
-offline from configs and saved with their processors, and the prompts the tests give them.
+Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, GLM-4.1V, InternVL, SmolVLM, Mistral 3, Llama 4, Gemma 4),
+built offline from configs and saved with their processors, and the prompts the tests give them.
 
 They load with ``from_pretrained(path)`` exactly like the hub checkpoints, so every code path a
 GPU user runs is exercised by the tests (and scripts/gpu_check.py) without a model hub.
@@ -636,6 +636,78 @@ def build_tiny_llama4(path: str | Path, num_layers: int = 4, seed: int = 0) -> P
     return _save(path, model, processor)
 
 
+# Gemma 4's chat format: turns between <|turn> and <turn|>; an image part is the placeholder the
+# processor expands into its begin, soft and end tokens.
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<turn|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
+def build_tiny_gemma4(path: str | Path, num_layers: int = 4, seed: int = 0, moe: bool = False) -> Path:
+    """A Gemma4ForConditionalGeneration: a tower over 8 px patches pooled 2 x 2 (at most 70 soft
+    tokens an image, its smallest budget), sliding (window 24: the last prompt token sees part of an
+    image) and full layers alternating, the full
+    ones with wider heads and partly rotated. Dense (E2B/E4B-like): a per-layer input of 8 per
+    layer, and layers 2 and 3 reading the keys of layers 0 and 1 (KV sharing). ``moe`` (26B-A4B-like):
+    no per-layer inputs or sharing, an MLP plus 4 experts (2 a token) in every layer, full layers'
+    values equal to their keys, and image tokens attending to each other in prefill."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(["user", "model", "system"])
+    special = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+               "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"}  # fmt: skip
+    tokenizer.add_tokens(["<|turn>", "<turn|>", *special.values(), "<|video|>"], special_tokens=True)
+    tokenizer._set_model_specific_special_tokens(special_tokens=special)  # boi_token, ..., saved with it
+    tokenizer.chat_template = GEMMA4_CHAT_TEMPLATE
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    special_ids = {**special, "video_token": "<|video|>"}
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in special_ids.items()}
+    text = dict(
+        vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        sliding_window=24, layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+        hidden_size_per_layer_input=8, num_kv_shared_layers=num_layers // 2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    if moe:
+        text.update(
+            hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True, num_experts=4,
+            top_k_experts=2, moe_intermediate_size=32, attention_k_eq_v=True, num_global_key_value_heads=1,
+            use_bidirectional_attention="vision",
+        )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=16, patch_size=8, pooling_kernel_size=2, position_embedding_size=64,
+    )  # fmt: skip
+    config = transformers.Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None, image_token_id=ids["image_token"],
+        boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"], video_token_id=ids["video_token"],
+        audio_token_id=ids["audio_token"], boa_token_id=ids["boa_token"], eoa_token_index=ids["eoa_token"],
+    )  # fmt: skip
+    model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a random tower at the default scale gives every image the same answer
+        for name, parameter in model.named_parameters():
+            if "vision" in name and parameter.dim() > 1:
+                parameter.normal_(0, 0.5)
+    images = dict(patch_size=8, pooling_kernel_size=2, max_soft_tokens=70)
+    processor = transformers.Gemma4Processor(
+        feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
+        image_processor=transformers.Gemma4ImageProcessor(**images),
+        tokenizer=tokenizer,
+        video_processor=transformers.Gemma4VideoProcessor(**images),
+        chat_template=GEMMA4_CHAT_TEMPLATE,
+        image_seq_length=70,
+    )
+    return _save(path, model, processor)
+
+
 BUILDERS = {
     # Sliding windows of 8 tokens, shorter than the prompts: every layer, or layers 2 and 3.
     "llava_mistral_window": lambda path: build_tiny_llava(path, sliding_window=("mistral", 8)),
@@ -649,6 +721,9 @@ BUILDERS = {
     "mistral3": build_tiny_mistral3,  # image rows ended by break tokens; queries scaled by position
     # Llama 4: chunked RoPE layers 0-2 (chunks of 8), NoPE layer 3 with position-scaled queries, experts in 1 and 3.
     "llama4": build_tiny_llama4,
+    # Gemma 4: per-layer inputs, layers 2-3 reading the keys of 0-1; and the MoE variant without them.
+    "gemma4": build_tiny_gemma4,
+    "gemma4_moe": lambda path: build_tiny_gemma4(path, moe=True),
     "qwen2_vl": lambda path: build_tiny_qwen2_vl(path, "2"),
     "qwen2_5_vl": lambda path: build_tiny_qwen2_vl(path, "2.5"),
     # Qwen3-VL: DeepStack after decoder layers 0, 1, 2; Qwen3.5: Gated DeltaNet layers 0-2.
@@ -708,7 +783,7 @@ def encode(processor, texts_and_counts: list[tuple[str, int]], seed: int = 0, si
         for i, (_, count) in enumerate(texts_and_counts)
         for _ in range(count)
     ]
-    if type(processor).__name__.startswith(("Gemma3", "SmolVLM")) and images:  # each row's images as a list
+    if type(processor).__name__.startswith(("Gemma3", "Gemma4", "SmolVLM")) and images:  # each row's images as a list
         images = per_row(images, [count for _, count in texts_and_counts])
     inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True)
     # Llama 4's image processor gives bfloat16 pixels; the tiny models are float32.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,22 @@ DECODING_POSITIONS = ("count", "from_attention_mask")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 # The config fields that hold the token ids of visual positions, in transformers' names.
 VISUAL_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+@dataclass(frozen=True)
+class KeySharing:
+    """Decoder layers that attend to the keys and values an earlier layer of theirs computed in
+    the same forward, instead of projecting their own (Gemma 4's last ``num_kv_shared_layers``).
+
+    - ``argument``: the decoder layer's keyword that carries them, a mapping from the producing
+      layer's type to its (keys, values), each (batch, kv heads, keys, head dim): what the producer's
+      attention returned from its cache, so every token it cached (a sliding layer: its window);
+    - ``producers``: from the text config, for each decoder layer the index of the layer whose keys
+      it reads, or None where it computes its own.
+    """
+
+    argument: str
+    producers: Callable[[Any], list[int | None]]
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,10 @@ class Architecture:
       temperature tuning), given a layer's attention module, the scale as a function of positions,
       or None where that layer does not scale. The engine rescales each query from the counted
       position to its own (its original one, counted from the row's first real token).
+    - ``per_layer_input``: the name of a decoder layer's argument that carries a second per-token
+      tensor beside the hidden states, (batch, tokens, width) (Gemma 4's per-layer inputs), which
+      the engine gathers at the kept positions with them.
+    - ``key_sharing``: the layers that read another layer's keys and values (``KeySharing``).
     """
 
     decoding_positions: str = "count"
@@ -51,6 +72,8 @@ class Architecture:
     visual_token_fields: tuple[str, ...] = VISUAL_TOKEN_FIELDS
     complex_rotary: bool = False
     query_position_scale: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
+    per_layer_input: str | None = None
+    key_sharing: KeySharing | None = None
 
     def __post_init__(self) -> None:
         if self.decoding_positions not in DECODING_POSITIONS:
@@ -66,6 +89,12 @@ class Architecture:
         if not ids:
             raise ValueError(f"{type(config).__name__} names no image or video token id; cannot find visual tokens.")
         return ids
+
+    def key_producers(self, text_config) -> list[int | None]:
+        """For each decoder layer, the layer whose keys and values it reads, or None (its own)."""
+        if self.key_sharing is None:
+            return [None] * text_config.num_hidden_layers
+        return list(self.key_sharing.producers(text_config))
 
     def layer_kinds(self, model: nn.Module) -> list[str]:
         """Each decoder layer's type; a type neither an attention kind nor a declared recurrent

@@ -94,7 +94,9 @@ def every_layer_last_hidden(
     # sliding and full layers different rotary embeddings).
     layer_kwargs = [{} for _ in language_model.layers]
     captures = [
-        layer.register_forward_pre_hook(lambda module, args, kwargs, seen=seen: seen.update(kwargs), with_kwargs=True)
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.update(kwargs, layer_args=args), with_kwargs=True
+        )
         for layer, seen in zip(language_model.layers, layer_kwargs)
     ]
     try:
@@ -108,6 +110,8 @@ def every_layer_last_hidden(
         withdrawal.withdraw_layer = saved
     plan = plan_withdrawal(inputs["input_ids"], inputs.get("attention_mask"), withdrawal.visual_token_ids)
     kept_rotary = KeptRotary(plan, withdrawal.architecture.complex_rotary)
+    architecture = withdrawal.architecture
+    stored = {}  # keys and values the layers store for the KV-shared ones (Gemma 4), this pass's
     hidden = None
     for index, layer in enumerate(language_model.layers):
         candidate = plan.gather(full.hidden_states[index])  # withdrawal before this layer joins
@@ -124,17 +128,64 @@ def every_layer_last_hidden(
             position_ids = tile_batch(position_ids, copies, 1)
         mask_2d = tile_batch(plan.kept_attention_mask, copies, 1)
         slot_positions = tile_batch(plan.kept_counted_positions.to(hidden.device), copies, 1)
+        extra = {}
+        if architecture.per_layer_input is not None:  # Gemma 4: the layer's per-token input, kept positions
+            per_layer_input = layer_kwargs[index].get(architecture.per_layer_input)
+            if per_layer_input is None:
+                per_layer_input = layer_kwargs[index]["layer_args"][withdrawal.per_layer_input_at]
+            if per_layer_input is not None:  # None in models without them (Gemma 4's MoE)
+                extra[architecture.per_layer_input] = tile_batch(plan.gather(per_layer_input), copies, 2)
+        producer = withdrawal.key_producers[index]
+        if architecture.key_sharing is not None:  # layers that store keys for others store them here
+            extra[architecture.key_sharing.argument] = stored
+        if producer is None:
+            mask = withdrawal.layer_mask(index, hidden, mask_2d, None, slot_positions)
+        else:  # what a KV-shared layer reads
+            mask, extra[architecture.key_sharing.argument] = keys_of_producer(
+                withdrawal, plan, index, producer, hidden, stored, layer_kwargs[index]
+            )
         with withdrawal.queries_at(slot_positions):  # queries scaled by their own positions (Llama 4)
             hidden = layer(
                 hidden,
-                attention_mask=withdrawal.layer_mask(index, hidden, mask_2d, None, slot_positions),
+                attention_mask=mask,
                 position_embeddings=embeddings,
                 position_ids=position_ids,
                 use_cache=False,
+                **extra,
             )
     last = language_model.norm(hidden[:, -positions:])
     batch = plan.kept_positions.shape[0]
     return full.logits[:, -positions:], last.view(withdrawal.num_layers, batch, positions, -1)
+
+
+def keys_of_producer(withdrawal, plan, index: int, producer: int, hidden, stored: dict, seen: dict) -> tuple:
+    """For KV-shared layer ``index`` over the stacked candidates k = 0..index: its attention mask
+    and the keys and values it reads, as the layer takes them (by kind). Candidates k <= producer read the keys the
+    producer computed over their kept tokens in this pass, placed at those tokens' positions;
+    candidates k > producer read the keys of the unmodified forward, every position, the withdrawn
+    ones masked (the engine's rule; docs/design.md)."""
+    argument = withdrawal.architecture.key_sharing.argument
+    kind = withdrawal.layer_kinds[producer]
+    prompt_length = plan.prompt_length
+    reduced = stored[kind]  # (batch * (producer + 1), heads, kept, head dim), this pass
+    full = seen[argument][kind]  # (batch, heads, prompt, head dim), the unmodified forward
+    slots = tile_batch(plan.kept_positions, producer + 1, 1).to(reduced[0].device)
+    placed = []
+    for tensor, unmodified in zip(reduced, full):
+        at_positions = tensor.new_zeros(*tensor.shape[:2], prompt_length, tensor.shape[-1])
+        at_positions[torch.arange(slots.shape[0], device=slots.device)[:, None], :, slots] = tensor.transpose(1, 2)
+        placed.append(torch.cat([at_positions, tile_batch(unmodified, index - producer, 3).to(tensor.device)]))
+    copies = index + 1
+    left_padding = plan.left_padding.to(hidden.device)[:, None]
+    key_positions = torch.arange(prompt_length, device=hidden.device)[None] - left_padding
+    mask = withdrawal.mask_over_keys(
+        index,
+        hidden,
+        tile_batch(plan.kept_mask.to(hidden.device), copies, 1),
+        tile_batch(plan.kept_counted_positions.to(hidden.device), copies, 1),
+        tile_batch(key_positions, copies, 1),
+    )
+    return mask, {kind: tuple(placed)}
 
 
 @torch.inference_mode()

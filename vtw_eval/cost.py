@@ -39,6 +39,7 @@ token count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vtw_eval import architecture
@@ -130,6 +131,19 @@ class DecoderGeometry:
     expert_layers: tuple[int, ...] = ()
     sliding_window: int | None = None  # of the sliding_attention layers: their cache keeps window - 1 tokens
     chunk_size: int | None = None  # of the chunked_attention layers: their cache keeps chunk - 1 tokens
+    # Gemma 4: its full-attention layers' own head width and KV heads, and whether their values are
+    # their keys (no v_proj); a per-layer input of this width in every layer (its gate and
+    # projection, 2 * 2 * d * width a token); MLPs twice as wide in the KV-shared layers; experts
+    # beside the MLP, not instead of it.
+    full_attention_head_dim: int | None = None
+    full_attention_kv_heads: int | None = None
+    full_attention_values_are_keys: bool = False
+    per_layer_input_size: int = 0
+    shared_layers_double_mlp: bool = False
+    experts_beside_mlp: bool = False
+    # For each layer the layer whose keys it reads (Gemma 4's KV-shared layers: no k/v projections,
+    # no cache of their own; in generate's prefill transformers runs them on the last position only).
+    key_producers: tuple[int | None, ...] | None = None
 
     @classmethod
     def from_config(cls, config) -> "DecoderGeometry":
@@ -150,7 +164,25 @@ class DecoderGeometry:
                 conv_kernel=text.linear_conv_kernel_dim,
             )
         experts, expert_layers, intermediate = None, (), getattr(text, "intermediate_size", 0) or 0
-        if text.model_type == "llama4_text":  # every expert on every token; its dense layers are wider
+        gemma4, head_dim, kv_heads = {}, None, None
+        if text.model_type == "gemma4_text":  # head width and KV heads differ by kind of layer
+            modes, full = text.kv_sharing_modes, text.per_layer_config[kinds.index("full_attention")]
+            sliding = text.per_layer_config[kinds.index("sliding_attention")] if "sliding_attention" in kinds else full
+            head_dim, kv_heads = sliding.head_dim, sliding.num_key_value_heads
+            stores = {kinds[i]: i for i, mode in enumerate(modes) if mode == "store"}
+            gemma4 = dict(
+                full_attention_head_dim=full.head_dim,
+                full_attention_kv_heads=full.num_key_value_heads,
+                full_attention_values_are_keys=bool(text.attention_k_eq_v),
+                per_layer_input_size=text.hidden_size_per_layer_input or 0,
+                shared_layers_double_mlp=bool(text.use_double_wide_mlp),
+                experts_beside_mlp=bool(text.enable_moe_block),
+                key_producers=tuple(stores[kinds[i]] if mode == "reuse" else None for i, mode in enumerate(modes)),
+            )
+            if text.enable_moe_block:  # the router, then its top experts, beside the MLP
+                experts = Experts(text.num_experts, text.top_k_experts, text.moe_intermediate_size)
+                expert_layers = tuple(range(text.num_hidden_layers))
+        elif text.model_type == "llama4_text":  # every expert on every token; its dense layers are wider
             experts = Experts(
                 num_experts=text.num_local_experts,
                 experts_per_token=text.num_local_experts,
@@ -175,8 +207,8 @@ class DecoderGeometry:
             hidden_size=text.hidden_size,
             intermediate_size=intermediate,
             num_heads=heads,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            num_kv_heads=kv_heads or getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=head_dim or getattr(text, "head_dim", None) or text.hidden_size // heads,
             layer_types=layer_types,
             attention_output_gate=architecture.QUERY_KEY_RECIPES.get(text.model_type, NO_RECIPE).gated_queries,
             linear_attention=linear,
@@ -186,6 +218,7 @@ class DecoderGeometry:
             chunk_size=getattr(text, "attention_chunk_size", None)
             if layer_types and "chunked_attention" in kinds
             else None,
+            **gemma4,
         )
 
     def is_linear(self, layer: int) -> bool:
@@ -201,19 +234,39 @@ class DecoderGeometry:
             return min(tokens, self.chunk_size - 1)
         return tokens
 
+    def producer(self, layer: int) -> int | None:
+        """The layer whose keys ``layer`` reads (Gemma 4's KV-shared layers), or None: its own."""
+        return None if self.key_producers is None else self.key_producers[layer]
+
+    def attention_shape(self, layer: int) -> tuple[int, int]:
+        """(kv heads, head width) of an attention layer (Gemma 4's full layers have their own)."""
+        if self.full_attention_head_dim and self.layer_types[layer] == "full_attention":
+            return self.full_attention_kv_heads or self.num_kv_heads, self.full_attention_head_dim
+        return self.num_kv_heads, self.head_dim
+
     def mlp_flops(self, layer: int) -> int:
         """One token through one layer's MLP (gated: three matrices; or its active experts)."""
+        double = self.shared_layers_double_mlp and self.producer(layer) is not None
+        dense = 2 * 3 * self.hidden_size * self.intermediate_size * (2 if double else 1)
         if self.experts is not None and layer in self.expert_layers:
-            return self.experts.token_flops(self.hidden_size)
-        return 2 * 3 * self.hidden_size * self.intermediate_size
+            return self.experts.token_flops(self.hidden_size) + (dense if self.experts_beside_mlp else 0)
+        return dense
 
     def token_flops(self, layer: int = 0) -> int:
-        """One token through one layer's linear maps (projections and MLP)."""
+        """One token through one layer's linear maps (projections, MLP, per-layer input)."""
         if self.is_linear(layer):
             return self.linear_attention.token_flops(self.hidden_size) + self.mlp_flops(layer)
-        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        kv_heads, head_dim = self.attention_shape(layer)
+        d, q, kv = self.hidden_size, self.num_heads * head_dim, kv_heads * head_dim
         q_out = 2 * q if self.attention_output_gate else q
-        return 2 * d * (q_out + q + 2 * kv) + self.mlp_flops(layer)
+        if self.producer(layer) is not None:  # it reads another layer's keys and values
+            key_values = 0
+        elif self.full_attention_values_are_keys and self.layer_types[layer] == "full_attention":
+            key_values = kv
+        else:
+            key_values = 2 * kv
+        per_layer_input = 2 * 2 * d * self.per_layer_input_size
+        return 2 * d * (q_out + q + key_values) + self.mlp_flops(layer) + per_layer_input
 
     def last_query_scoring_flops(self, num_tokens: int) -> int:
         """FastV's ranking in one attention layer: the last position's query and every key projected
@@ -222,9 +275,9 @@ class DecoderGeometry:
         q_out = 2 * q if self.attention_output_gate else q
         return 2 * d * q_out + 2 * num_tokens * d * kv + 2 * num_tokens * q
 
-    def pair_flops(self) -> int:
+    def pair_flops(self, layer: int = 0) -> int:
         """One (query, key) pair in one attention layer."""
-        return 2 * 2 * self.num_heads * self.head_dim
+        return 2 * 2 * self.num_heads * self.attention_shape(layer)[1]
 
     def _withdrawn(self, withdraw_layer: int | None) -> int:
         """K: the first layer that runs on the kept tokens (L: none)."""
@@ -233,19 +286,32 @@ class DecoderGeometry:
             raise ValueError(f"withdraw_layer must be in 0..{self.num_layers} or None, got {withdraw_layer!r}")
         return k
 
-    def layer_flops(self, num_tokens: int, layer: int = 0) -> int:
-        """One layer's prefill over ``num_tokens`` tokens."""
+    def layer_flops(self, num_tokens: int, layer: int = 0, num_keys: int | None = None) -> int:
+        """One layer's prefill over ``num_tokens`` tokens (attending to ``num_keys`` keys, by
+        default themselves)."""
         if self.is_linear(layer):
             mixing = self.linear_attention.prefill_mixing_flops(num_tokens)
         else:
-            mixing = num_tokens * num_tokens * self.pair_flops()
+            mixing = num_tokens * (num_tokens if num_keys is None else num_keys) * self.pair_flops(layer)
         return num_tokens * self.token_flops(layer) + mixing
 
-    def prefill_flops(self, num_tokens: int, num_removed: int, withdraw_layer: int | None) -> int:
+    def prefill_flops(
+        self, num_tokens: int, num_removed: int, withdraw_layer: int | None, every_position: bool = False
+    ) -> int:
+        """The decoder layers' prefill of a prompt. A KV-shared layer attends to its producer's keys
+        (every token below K, the kept ones from K on) and runs on the last position only, as
+        ``generate`` has it, unless ``every_position`` (a forward that keeps every logit)."""
         k = self._withdrawn(withdraw_layer)
-        return sum(
-            self.layer_flops(num_tokens if i < k else num_tokens - num_removed, i) for i in range(self.num_layers)
-        )
+        total = 0
+        for i in range(self.num_layers):
+            tokens = num_tokens if i < k else num_tokens - num_removed
+            producer = self.producer(i)
+            if producer is None:
+                total += self.layer_flops(tokens, i)
+                continue
+            keys = num_tokens if producer < k else num_tokens - num_removed
+            total += self.layer_flops(tokens if every_position else 1, i, keys)
+        return total
 
     def calibration_flops(self, num_tokens: int, num_removed: int, answer_tokens: int = 0) -> int:
         """Measuring one prompt's KL at every candidate K (calibration.py): with ``answer_tokens``
@@ -258,8 +324,12 @@ class DecoderGeometry:
                 self.decode_step_flops(num_tokens + step, num_removed, None) for step in range(answer_tokens - 1)
             )
         total = num_tokens + answer_tokens
-        candidates = sum((j + 1) * self.layer_flops(total - num_removed, j) for j in range(self.num_layers))
-        return generation + self.prefill_flops(total, num_removed, None) + candidates
+        # A KV-shared layer's candidates read their producers' keys at every position (docs/design.md).
+        candidates = sum(
+            (j + 1) * self.layer_flops(total - num_removed, j, None if self.producer(j) is None else total)
+            for j in range(self.num_layers)
+        )
+        return generation + self.prefill_flops(total, num_removed, None, every_position=True) + candidates
 
     def decode_step_flops(self, context: int, num_removed: int, withdraw_layer: int | None) -> int:
         """One new token after ``context`` tokens (prompt plus tokens generated so far)."""
@@ -268,8 +338,10 @@ class DecoderGeometry:
         for i in range(self.num_layers):
             if self.is_linear(i):
                 mixing = self.linear_attention.decode_mixing_flops()
-            else:  # the new token attends to the keys its layer has cached, and to itself
-                mixing = self.pair_flops() * (self.cached_tokens(i, context - (num_removed if i >= k else 0)) + 1)
+            else:  # the new token attends to the keys its layer (or the one it reads) has cached, and itself
+                source = i if self.producer(i) is None else self.producer(i)
+                cached = self.cached_tokens(source, context - (num_removed if source >= k else 0))
+                mixing = self.pair_flops(i) * (cached + 1)
             total += self.token_flops(i) + mixing
         return total
 
@@ -294,12 +366,12 @@ class DecoderGeometry:
         """Cache size once ``num_tokens`` (prompt and generated) are cached: keys and values of the
         attention layers, and the fixed-size states of the recurrent ones (``recurrent_state_bytes``)."""
         k = self._withdrawn(withdraw_layer)
-        per_token_layer = 2 * self.num_kv_heads * self.head_dim * dtype_bytes
         attention = sum(
-            per_token_layer * self.cached_tokens(i, num_tokens if i < k else num_tokens - num_removed)
+            2 * math.prod(self.attention_shape(i)) * dtype_bytes
+            * self.cached_tokens(i, num_tokens if i < k else num_tokens - num_removed)
             for i in range(self.num_layers)
-            if not self.is_linear(i)
-        )
+            if not self.is_linear(i) and self.producer(i) is None  # a KV-shared layer caches nothing
+        )  # fmt: skip
         return attention + self.recurrent_state_bytes(dtype_bytes)
 
     def recurrent_state_bytes(self, dtype_bytes: int) -> int:

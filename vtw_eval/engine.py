@@ -29,6 +29,13 @@ chunks are masked by them, and queries that a layer scales by the position it co
 NoPE layers; declared by the adapter) are rescaled to them by a forward hook on that layer's
 ``q_proj``.
 
+A second per-token input of each layer (Gemma 4's per-layer inputs) is gathered at the kept
+positions with the hidden states. Layers that read the keys and values an earlier layer stored in
+the same forward (Gemma 4's KV-shared layers; declared by the adapter) attend to what that layer
+cached: the kept tokens if it is >= K, else every token with the withdrawn ones masked, so that a
+token withdrawn before K is seen by no layer from K on (docs/design.md). In prefill transformers
+may give those layers the last prompt position only (``generate``); it is kept, and stays as given.
+
 Which positions go is a plan built from a keep mask (per row, any ordered subset of the prompt's
 positions). VTW keeps every text position; another method gives a ``KeepSelector``, asked at the
 first withdrawn layer of each prefill, after the layers before it ran (so it may use what its own
@@ -48,6 +55,7 @@ from typing import Protocol
 import torch
 from torch import nn
 from transformers.masking_utils import (
+    create_bidirectional_mask,
     create_causal_mask,
     create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
@@ -76,6 +84,12 @@ class WithdrawalPlan:
     def kept_counted_positions(self) -> torch.Tensor:
         """(batch, n_kept): each kept slot's position counted from its row's first real token."""
         return self.kept_positions - self.left_padding[:, None].to(self.kept_positions.device)
+
+    @property
+    def kept_mask(self) -> torch.Tensor:
+        """(batch, prompt_length) bool: True at the real positions that stay."""
+        kept = torch.zeros(self.visual_mask.shape, dtype=torch.bool, device=self.kept_positions.device)
+        return kept.scatter(1, self.kept_positions, self.kept_attention_mask.to(kept.device))
 
     @property
     def batch_rows(self) -> torch.Tensor:
@@ -270,6 +284,13 @@ class VisualTokenWithdrawal:
         self._cache = None  # the KV cache of the current call
         self._call_positions: torch.Tensor | None = None  # its tokens' positions from each row's first real one
         self._queries_at: torch.Tensor | None = None  # set by queries_at: positions of direct layer calls
+        self._full_2d_mask: torch.Tensor | None = None  # the call's 2D mask over every token seen
+        self.key_producers = architecture.key_producers(self.language_model.config)
+        # Where a layer takes its per-token second input when it comes positionally.
+        self.per_layer_input_at = None
+        if architecture.per_layer_input is not None:
+            parameters = list(inspect.signature(self.language_model.layers[0].forward).parameters)
+            self.per_layer_input_at = parameters.index(architecture.per_layer_input)
         self._handles = [model.register_forward_pre_hook(self._before_model_call, with_kwargs=True)]
         for index, layer in enumerate(self.language_model.layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
@@ -357,6 +378,7 @@ class VisualTokenWithdrawal:
         cache = cache_in(kwargs)
         new_tokens = input_ids.shape[1]
         self._cache = cache
+        self._full_2d_mask = attention_mask
         prefill = cache is None or cache.get_seq_length() == 0
         if self.architecture.query_position_scale is not None:  # only its query-scale hooks read them
             seen = 0 if prefill else self._seen_tokens
@@ -438,23 +460,60 @@ class VisualTokenWithdrawal:
         return hook
 
     def _withdrawn_layer_inputs(self, layer_index: int, args, kwargs):
+        args = list(args)
         hidden = args[0] if args else kwargs["hidden_states"]
+        producer = self.key_producers[layer_index]
+        last_only = None  # prefill inputs cut to the last positions by the decoder (KV-shared layers)
         if self._prefill:
-            if layer_index == self._withdraw_layer:
-                if self.keep_selector is not None:  # decided now, from what the layers before saw
-                    keep = self.keep_selector(self._visual_mask, self._prompt_mask, hidden)
-                    keep = keep.to(self._visual_mask.device, torch.bool)  # where the prompt is, as VTW's plan
-                    self._set_plan(plan_from_keep_mask(keep, self._prompt_mask, self._visual_mask))
-                hidden = self.plan.gather(hidden)
-            embeddings, position_ids = self._kept_rotary(kwargs["position_embeddings"], kwargs.get("position_ids"))
-            kwargs["position_embeddings"] = embeddings
-            if position_ids is not None:
-                kwargs["position_ids"] = position_ids
-        kwargs["attention_mask"] = self._mask_for(layer_index, hidden, cache_in(kwargs))
+            if layer_index == self._withdraw_layer and self.keep_selector is not None:
+                # Decided now, from what the layers before saw.
+                keep = self.keep_selector(self._visual_mask, self._prompt_mask, hidden)
+                keep = keep.to(self._visual_mask.device, torch.bool)  # where the prompt is, as VTW's plan
+                self._set_plan(plan_from_keep_mask(keep, self._prompt_mask, self._visual_mask))
+            if producer is not None:
+                last_only = self._cut_to_last_positions(kwargs["position_embeddings"])
+            if last_only is None:
+                if layer_index == self._withdraw_layer:
+                    hidden = self.plan.gather(hidden)
+                embeddings, position_ids = self._kept_rotary(kwargs["position_embeddings"], kwargs.get("position_ids"))
+                kwargs["position_embeddings"] = embeddings
+                if position_ids is not None:
+                    kwargs["position_ids"] = position_ids
+                self._gather_per_layer_input(args, kwargs)
+        if producer is None:
+            kwargs["attention_mask"] = self._mask_for(layer_index, hidden, cache_in(kwargs))
+        else:
+            kwargs["attention_mask"] = self._shared_keys_mask(layer_index, producer, hidden, kwargs, last_only)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
-        return args, kwargs
+        return tuple(args), kwargs
+
+    def _gather_per_layer_input(self, args: list, kwargs: dict) -> None:
+        """The layer's second per-token input (Gemma 4's per-layer input) at the kept positions."""
+        name, at = self.architecture.per_layer_input, self.per_layer_input_at
+        if name is None:
+            return
+        if kwargs.get(name) is not None:
+            kwargs[name] = self.plan.gather(kwargs[name])
+        elif len(args) > at and args[at] is not None:
+            args[at] = self.plan.gather(args[at])
+
+    def _cut_to_last_positions(self, position_embeddings) -> int | None:
+        """How many last prompt positions a prefill layer was given, when the decoder cut its inputs
+        to them (Gemma 4 gives its KV-shared layers only the positions whose logits are kept); None
+        when it was given the whole prompt. Those positions must all be kept."""
+        first = position_embeddings if self.architecture.complex_rotary else position_embeddings[0]
+        given, prompt_length = first.shape[-2], self.plan.prompt_length
+        if given == prompt_length:
+            return None
+        last = torch.arange(prompt_length - given, prompt_length, device=self.plan.kept_positions.device)
+        if not bool((self.plan.kept_positions[:, -given:] == last).all()):
+            raise ValueError(
+                f"The decoder gave its KV-shared layers the last {given} prompt positions, and some of them "
+                "are withdrawn; ask for the logits of the last position only (logits_to_keep=1) or of all."
+            )
+        return given
 
     def _mask_for(self, layer_index: int, hidden: torch.Tensor, cache) -> torch.Tensor | None:
         """The attention mask of a withdrawn layer, built once per call and mask kind."""
@@ -472,6 +531,58 @@ class VisualTokenWithdrawal:
         after_prompt = self._reduced_2d_mask.shape[1] - kept.shape[1]
         start = self.plan.prompt_length - self.plan.left_padding.to(device)[:, None]
         return torch.cat([kept, start + torch.arange(after_prompt, device=device)[None]], dim=1)
+
+    def _shared_keys_mask(self, layer_index: int, producer: int, hidden: torch.Tensor, kwargs, last_only):
+        """The attention mask of a withdrawn layer that reads the keys layer ``producer`` stored in
+        this call: over the tokens the producer cached (the kept ones if it is >= K, else every
+        one, the withdrawn masked), causal and windowed by each token's position (built once per
+        call and kind)."""
+        kind = self.layer_kinds[layer_index]
+        if ("shared", kind) in self._layer_masks:
+            return self._layer_masks[("shared", kind)]
+        device = hidden.device
+        left_padding = self.plan.left_padding.to(device)[:, None]
+        if producer >= self._withdraw_layer:  # it cached the reduced sequence
+            key_positions, key_mask = self._slot_positions(device), self._reduced_2d_mask.to(device)
+        else:  # it cached every token: those withdrawn are masked
+            batch = self.plan.kept_positions.shape[0]
+            key_positions = torch.arange(self._seen_tokens, device=device)[None] - left_padding
+            full = self._full_2d_mask
+            full = torch.ones(batch, self._seen_tokens, device=device) if full is None else full.to(device)
+            key_mask = torch.cat([self.plan.kept_mask.to(device), full[:, self.plan.prompt_length :].bool()], dim=1)
+        stored = kwargs[self.architecture.key_sharing.argument][self.layer_kinds[producer]][0].shape[-2]
+        key_positions, key_mask = key_positions[:, -stored:], key_mask[:, -stored:]  # a sliding layer: its window
+        queries = hidden.shape[1]
+        if self._prefill and last_only is None:
+            query_positions = self.plan.kept_counted_positions.to(device)
+        else:  # the last prompt positions, or a decoding step's new tokens
+            end = self.plan.prompt_length if self._prefill else self._seen_tokens
+            query_positions = torch.arange(end - queries, end, device=device)[None] - left_padding
+        mask = self.mask_over_keys(layer_index, hidden, key_mask, query_positions, key_positions)
+        self._layer_masks[("shared", kind)] = mask
+        return mask
+
+    def mask_over_keys(
+        self,
+        layer_index: int,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor,
+        query_positions: torch.Tensor,
+        key_positions: torch.Tensor,
+    ):
+        """The attention mask of decoder layer ``layer_index`` whose queries (``hidden``, (batch,
+        queries, features), at ``query_positions``) attend to keys of another sequence (at
+        ``key_positions``, (batch, keys); ``key_mask`` False at the keys none may see): causal by
+        position, within the window of a sliding layer, built by transformers' mask builder in the
+        format the layer wants."""
+        kind = self.layer_kinds[layer_index]
+        window = self.language_model.config.sliding_window if kind == "sliding_attention" else None
+        return create_bidirectional_mask(
+            self.language_model.config,
+            hidden,
+            key_mask,
+            and_mask_function=causal_by_positions(query_positions, key_positions, window),
+        )
 
     # -- queries scaled by positions the attention counts itself (Llama 4's NoPE layers) ------
 
@@ -546,6 +657,20 @@ def original_position_chunks(positions: torch.Tensor, chunk_size: int):
         return positions[batch_idx, kv_idx] // chunk_size == positions[batch_idx, q_idx] // chunk_size
 
     return same_chunk
+
+
+def causal_by_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None):
+    """A mask function for transformers' mask builders over explicit positions: query q sees key
+    kv if the key's position is at most the query's (and, with ``window``, within it). Both are
+    (batch, slots) in one numbering; used where queries and keys are different sequences (a
+    withdrawn layer reading the keys of a layer that kept every token)."""
+
+    def visible(batch_idx, head_idx, q_idx, kv_idx):
+        query, key = query_positions[batch_idx, q_idx], key_positions[batch_idx, kv_idx]
+        seen = key <= query
+        return seen & (key > query - window) if window is not None else seen
+
+    return visible
 
 
 def counted_positions(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, seen: int) -> torch.Tensor:

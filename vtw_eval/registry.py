@@ -13,6 +13,7 @@ BACKENDS = {
     "vtw_qwen3_vl": "vtw_eval.backends.qwen3_vl.VTWQwen3VL",
     "vtw_qwen3_5": "vtw_eval.backends.qwen3_5.VTWQwen3_5",
     "vtw_gemma3": "vtw_eval.backends.gemma3.VTWGemma3",
+    "vtw_gemma4": "vtw_eval.backends.gemma4.VTWGemma4",
     "vtw_glm4v": "vtw_eval.backends.glm4v.VTWGlm4v",
     "vtw_internvl": "vtw_eval.backends.internvl.VTWInternVL",
     "vtw_llama4": "vtw_eval.backends.llama4.VTWLlama4",

@@ -422,7 +422,10 @@ class VTWBackend(lmms):
         k = self.withdrawal.withdraw_layer
         for request, length, removed in zip(chunk, prompt_lengths(inputs), self.removed_counts(inputs)):
             prefill_flops[request.task] = prefill_flops.get(request.task, 0) + self.geometry.prefill_flops(
-                length, removed, k
+                length,
+                removed,
+                k,
+                every_position=True,  # every logit is read
             )
         results = []
         for row, n in enumerate(lengths):
