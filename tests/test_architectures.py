@@ -408,3 +408,39 @@ def test_fastv_and_random_keep_other_tokens_and_give_other_logits(tiny):
         vtw.remove()
     assert not torch.equal(plans[0], plans[1])
     assert (logits[0] - logits[1]).abs().max() > GUARD
+
+
+@pytest.mark.parametrize("withdraw_layer", [1, 3])
+def test_gemma4_kv_shared_layers_in_generation(tmp_path, withdraw_layer):
+    """Gemma 4's layers 2 and 3 read the keys layers 0 and 1 stored. K = 1: layer 2 reads layer 0's
+    keys of every token with the visual ones masked, layer 3 layer 1's kept tokens; K = 3: the first
+    withdrawn layer is a KV-shared one. In generate's prefill transformers runs those layers on the
+    last position only; every step's logits equal the reference's over the sequence so far."""
+    path = BUILDERS["gemma4"](tmp_path / "gemma4")
+    model, processor = load(path), AutoProcessor.from_pretrained(path)
+    assert adapter_for(model).architecture.key_producers(model.config.get_text_config()) == [None, None, 0, 1]
+    inputs = encode(processor, [(QUESTION, 2)])
+    vtw = withdrawal(model, withdraw_layer)
+    suppress = visual_ids(model.config)
+    cached = generate(model, inputs, output_logits=True, return_dict_in_generate=True, suppress_tokens=suppress)
+    vtw.remove()
+    for step, logits in enumerate(cached.logits):
+        sequence = cached.sequences[:, : inputs["input_ids"].shape[1] + step]
+        expected, _ = reference_vtw_logits(model, with_tokens(inputs, sequence), withdraw_layer)
+        assert_close(logits[0], expected[0, -1], reordering_ulps(model))
+
+
+def test_gemma4_inputs_cut_to_withdrawn_positions_are_refused(tmp_path):
+    """A forward that keeps the logits of the last n positions has transformers cut the KV-shared
+    layers' inputs to them (under eager attention; sdpa without padding does not cut for n > 1):
+    fine while they are all kept (they equal the reference's), refused by name once they reach a
+    withdrawn one."""
+    path = BUILDERS["gemma4"](tmp_path / "gemma4")
+    model, processor = load(path, "eager"), AutoProcessor.from_pretrained(path)
+    inputs = encode(processor, [(QUESTION, 1)])
+    expected, _ = reference_vtw_logits(model, inputs, 1)
+    withdrawal(model, 1)
+    with torch.no_grad():
+        assert_close(model(**inputs, logits_to_keep=3).logits, expected[:, -3:], SAME_ARITHMETIC)
+        with pytest.raises(ValueError, match=r"last \d+ prompt positions, and some of them are withdrawn"):
+            model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] - 1)

@@ -11,6 +11,7 @@ import pytest
 from lmms_eval.api.instance import Instance
 from tiny_models import (
     build_tiny_gemma3,
+    build_tiny_gemma4,
     build_tiny_glm4v,
     build_tiny_internvl,
     build_tiny_llama4,
@@ -44,6 +45,8 @@ BACKENDS = {
     "vtw_smolvlm": build_tiny_smolvlm,
     "vtw_mistral3": build_tiny_mistral3,
     "vtw_llama4": build_tiny_llama4,
+    # The dense Gemma 4 (per-layer inputs, KV sharing) runs in the parity test; here its MoE variant.
+    "vtw_gemma4": lambda path: build_tiny_gemma4(path, moe=True),
 }
 
 

@@ -1,7 +1,7 @@
 """At K = L the VTW backends answer as lmms-eval's own backend for the family, through the CLI.
 
 lmms-eval's ``qwen3_vl``, ``qwen3_5`` and ``internvl_hf`` (their chat classes, what ``--model
-qwen3_vl`` runs), ``gemma3``, ``glm4v`` and ``huggingface`` load bfloat16; the VTW backend is given the same
+qwen3_vl`` runs), ``gemma3``, ``gemma4``, ``glm4v`` and ``huggingface`` load bfloat16; the VTW backend is given the same
 dtype. Answers are compared doc for doc on the tiny MME-format task, after a check that they differ across
 docs (a comparison of constant answers would prove nothing).
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from tiny_models import (
     build_tiny_gemma3,
+    build_tiny_gemma4,
     build_tiny_glm4v,
     build_tiny_internvl,
     build_tiny_llama4,
@@ -38,6 +39,8 @@ FAMILIES = {
     # The MoE checkpoints run through the CLI in tests/test_backends_cli.py (same prompt code; lmms-eval
     # would load them for names like "-A3B"); measured equal too, but left out here for the suite's time.
     "gemma3": ("vtw_gemma3", build_tiny_gemma3, ""),
+    # Gemma 4's per-layer inputs and KV-shared layers (its MoE variant: same prompt code).
+    "gemma4": ("vtw_gemma4", build_tiny_gemma4, ""),
     # lmms-eval's glm4v loads the dense class only for a path naming "Flash" (GLM-4.6V-Flash).
     "glm4v": ("vtw_glm4v", lambda path: build_tiny_glm4v(path.with_name("GLM-tiny-Flash")), ""),
     "internvl_hf": ("vtw_internvl", build_tiny_internvl, ""),

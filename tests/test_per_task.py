@@ -196,7 +196,7 @@ def test_a_failing_calibration_prompt_names_the_task_and_doc(tiny_llava_path, tm
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("backend", ["vtw_smolvlm", "vtw_mistral3", "vtw_llama4"])
+@pytest.mark.parametrize("backend", ["vtw_smolvlm", "vtw_mistral3", "vtw_llama4", "vtw_gemma4"])
 def test_each_task_at_its_own_k_on_the_newer_families(backend, tmp_path, task_dir):
     """The same per-task calibration on the families added after LLaVA's tests were written: the
     blind task's K is 0, the image task's is chosen from its own curve, every request runs at its

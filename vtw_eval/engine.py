@@ -507,8 +507,9 @@ class VisualTokenWithdrawal:
         given, prompt_length = first.shape[-2], self.plan.prompt_length
         if given == prompt_length:
             return None
-        last = torch.arange(prompt_length - given, prompt_length, device=self.plan.kept_positions.device)
-        if not bool((self.plan.kept_positions[:, -given:] == last).all()):
+        kept = self.plan.kept_positions
+        last = torch.arange(prompt_length - given, prompt_length, device=kept.device)
+        if given > kept.shape[1] or not bool((kept[:, -given:] == last).all()):
             raise ValueError(
                 f"The decoder gave its KV-shared layers the last {given} prompt positions, and some of them "
                 "are withdrawn; ask for the logits of the last position only (logits_to_keep=1) or of all."
