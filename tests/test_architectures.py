@@ -9,6 +9,7 @@ import torch
 from reference import reference_vtw_logits, visual_ids
 from tiny_models import (
     BUILDERS,
+    MOE_BUILDERS,
     NUM_LAYERS,
     adapter_for,
     build_tiny_llava,
@@ -444,3 +445,32 @@ def test_gemma4_inputs_cut_to_withdrawn_positions_are_refused(tmp_path):
         assert_close(model(**inputs, logits_to_keep=3).logits, expected[:, -3:], SAME_ARITHMETIC)
         with pytest.raises(ValueError, match=r"last \d+ prompt positions, and some of them are withdrawn"):
             model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] - 1)
+
+
+def test_gemma4_moe_matches_the_reference(tmp_path):
+    """Gemma 4's MoE variant (26B-A4B-like: experts beside the MLP, the full layers' values equal to
+    their keys, image tokens attending to each other in prefill; no per-layer inputs or KV sharing):
+    every K equals the reference and gives other logits than the next, and cached generation at
+    K = 2 the reference over the sequence so far at every step."""
+    path = MOE_BUILDERS["gemma4_moe"](tmp_path / "gemma4_moe")
+    model, processor = load(path), AutoProcessor.from_pretrained(path)
+    inputs = encode(processor, [(QUESTION, 2)])
+    last = []
+    for layer in range(NUM_LAYERS):
+        expected, _ = reference_vtw_logits(model, inputs, layer)
+        vtw = withdrawal(model, layer)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        vtw.remove()
+        assert_close(logits, expected, SAME_ARITHMETIC)
+        last.append(logits[0, -1])
+    for earlier, later in zip(last, last[1:]):
+        assert (earlier - later).abs().max() > GUARD
+    vtw = withdrawal(model, 2)
+    suppress = visual_ids(model.config)
+    cached = generate(model, inputs, output_logits=True, return_dict_in_generate=True, suppress_tokens=suppress)
+    vtw.remove()
+    for step, logits in enumerate(cached.logits):
+        sequence = cached.sequences[:, : inputs["input_ids"].shape[1] + step]
+        expected, _ = reference_vtw_logits(model, with_tokens(inputs, sequence), 2)
+        assert_close(logits[0], expected[0, -1], reordering_ulps(model))

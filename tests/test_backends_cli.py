@@ -279,3 +279,18 @@ def test_an_unreadable_video_names_the_doc_the_path_and_the_cause(tmp_path, fami
         lm.generate_until([video_request(str(broken), doc_id=1)])
     assert "Invalid data found when processing input" in str(error.value)  # ffmpeg's reason
     assert "torchvision" not in str(error.value)  # not a later fallback's error
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ("max_soft_tokens=100", r"max_soft_tokens='100' is not accepted; use one of 70, 140, 280, 560, 1120"),
+        ("interleave_visuals=true", r"interleave_visuals=True is not supported by vtw_gemma4; accepted: False"),
+    ],
+)
+def test_gemma4_arguments_are_refused_before_loading(argument, message):
+    """Checked before anything loads: the checkpoint named does not exist."""
+    from vtw_eval.backends.gemma4 import VTWGemma4
+
+    with pytest.raises(ValueError, match=message):
+        VTWGemma4.create_from_arg_string(f"pretrained=/nonexistent/gemma4,{argument}")

@@ -494,11 +494,11 @@ def test_decoder_flops_of_families_without_tower_model_equal_torchs_flop_counter
     not modelled: no whole-forward figures."""
     import re
 
-    from tiny_models import BUILDERS, encode, withdrawal
+    from tiny_models import BUILDERS, MOE_BUILDERS, encode, withdrawal
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = BUILDERS[family](tmp_path / family)
+    path = {**BUILDERS, **MOE_BUILDERS}[family](tmp_path / family)
     # Experts one by one (transformers' default groups them in one _grouped_mm, which PyTorch's
     # counter does not count).
     model = AutoModelForImageTextToText.from_pretrained(

@@ -278,7 +278,7 @@ class VisualTokenWithdrawal:
         self._seen_tokens = 0  # full-sequence length processed so far in the current batch
         self._prefill = False  # whether the current call is the batch's prefill
         self._reduced_2d_mask: torch.Tensor | None = None  # for the current call, over the reduced cache
-        self._layer_masks: dict[str, torch.Tensor | None] = {}  # built once per call and mask kind
+        self._layer_masks: dict = {}  # built once per call and mask kind (or producer of shared keys)
         self._kept_rotary: KeptRotary | None = None  # of the current plan
         self._late_features: list = []  # injected visual features of layers >= K (prefill)
         self._cache = None  # the KV cache of the current call
@@ -537,10 +537,9 @@ class VisualTokenWithdrawal:
         """The attention mask of a withdrawn layer that reads the keys layer ``producer`` stored in
         this call: over the tokens the producer cached (the kept ones if it is >= K, else every
         one, the withdrawn masked), causal and windowed by each token's position (built once per
-        call and kind)."""
-        kind = self.layer_kinds[layer_index]
-        if ("shared", kind) in self._layer_masks:
-            return self._layer_masks[("shared", kind)]
+        call and producer)."""
+        if ("keys of", producer) in self._layer_masks:
+            return self._layer_masks[("keys of", producer)]
         device = hidden.device
         left_padding = self.plan.left_padding.to(device)[:, None]
         if producer >= self._withdraw_layer:  # it cached the reduced sequence
@@ -560,7 +559,7 @@ class VisualTokenWithdrawal:
             end = self.plan.prompt_length if self._prefill else self._seen_tokens
             query_positions = torch.arange(end - queries, end, device=device)[None] - left_padding
         mask = self.mask_over_keys(layer_index, hidden, key_mask, query_positions, key_positions)
-        self._layer_masks[("shared", kind)] = mask
+        self._layer_masks[("keys of", producer)] = mask
         return mask
 
     def mask_over_keys(
