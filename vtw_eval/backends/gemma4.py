@@ -30,6 +30,7 @@ from transformers import Gemma4ForConditionalGeneration
 from vtw_eval.architecture import Architecture, KeySharing
 from vtw_eval.backends import arguments
 from vtw_eval.backends.base import VTWBackend
+from vtw_eval.backends.gemma3 import VTWGemma3
 from vtw_eval.backends.visuals import Visual, jpeg_data_url
 
 MAX_SOFT_TOKENS = ("70", "140", "280", "560", "1120")  # the image budgets Gemma 4's processor accepts
@@ -49,15 +50,9 @@ class VTWGemma4(VTWBackend):
         per_layer_input="per_layer_input",
         key_sharing=KeySharing(argument="shared_kv_states", producers=shared_key_producers),
     )
-    # lmms-eval's gemma4 generation defaults, under the task's generation_kwargs.
-    default_generation_kwargs = {
-        "max_new_tokens": 128,
-        "temperature": 0.0,
-        "top_p": None,
-        "top_k": None,
-        "num_beams": 1,
-    }
-    decode_kwargs = {"clean_up_tokenization_spaces": False}
+    # lmms-eval's gemma4 generates and decodes as its gemma3 does.
+    default_generation_kwargs = VTWGemma3.default_generation_kwargs
+    decode_kwargs = VTWGemma3.decode_kwargs
     strips_answers = False
 
     def __init__(
