@@ -134,6 +134,14 @@ QUERY_KEY_RECIPES = {
 }
 
 
+def gemma4_key_producers(text_config) -> list[int | None]:
+    """Gemma 4: for each layer, the layer whose keys it reads. A ``reuse`` layer reads the ``store``
+    layer of its own kind (transformers' ``kv_sharing_modes``); every other layer its own (None)."""
+    modes, kinds = text_config.kv_sharing_modes, text_config.layer_types
+    stores = {kinds[index]: index for index, mode in enumerate(modes) if mode == "store"}
+    return [stores[kinds[index]] if mode == "reuse" else None for index, mode in enumerate(modes)]
+
+
 def layer_types(text_config) -> list[str]:
     """Each decoder layer's entry in ``config.layer_types`` (``full_attention``,
     ``sliding_attention``, ``linear_attention``, ...); a config without that list has every layer

@@ -160,10 +160,10 @@ def every_layer_last_hidden(
 
 def keys_of_producer(withdrawal, plan, index: int, producer: int, hidden, stored: dict, seen: dict) -> tuple:
     """For KV-shared layer ``index`` over the stacked candidates k = 0..index: its attention mask
-    and the keys and values it reads, as the layer takes them (by kind). Candidates k <= producer read the keys the
-    producer computed over their kept tokens in this pass, placed at those tokens' positions;
-    candidates k > producer read the keys of the unmodified forward, every position, the withdrawn
-    ones masked (the engine's rule; docs/design.md)."""
+    and the keys and values it reads, as the layer takes them (by kind). Candidates k <= producer
+    read the keys the producer computed over their kept tokens in this pass, placed at those
+    tokens' positions; candidates k > producer read the keys of the unmodified forward, every
+    position, the withdrawn ones masked (the engine's rule; docs/design.md)."""
     argument = withdrawal.architecture.key_sharing.argument
     kind = withdrawal.layer_kinds[producer]
     prompt_length = plan.prompt_length

@@ -166,10 +166,9 @@ class DecoderGeometry:
         experts, expert_layers, intermediate = None, (), getattr(text, "intermediate_size", 0) or 0
         gemma4, head_dim, kv_heads = {}, None, None
         if text.model_type == "gemma4_text":  # head width and KV heads differ by kind of layer
-            modes, full = text.kv_sharing_modes, text.per_layer_config[kinds.index("full_attention")]
+            full = text.per_layer_config[kinds.index("full_attention")]
             sliding = text.per_layer_config[kinds.index("sliding_attention")] if "sliding_attention" in kinds else full
             head_dim, kv_heads = sliding.head_dim, sliding.num_key_value_heads
-            stores = {kinds[i]: i for i, mode in enumerate(modes) if mode == "store"}
             gemma4 = dict(
                 full_attention_head_dim=full.head_dim,
                 full_attention_kv_heads=full.num_key_value_heads,
@@ -177,7 +176,7 @@ class DecoderGeometry:
                 per_layer_input_size=text.hidden_size_per_layer_input or 0,
                 shared_layers_double_mlp=bool(text.use_double_wide_mlp),
                 experts_beside_mlp=bool(text.enable_moe_block),
-                key_producers=tuple(stores[kinds[i]] if mode == "reuse" else None for i, mode in enumerate(modes)),
+                key_producers=tuple(architecture.gemma4_key_producers(text)),
             )
             if text.enable_moe_block:  # the router, then its top experts, beside the MLP
                 experts = Experts(text.num_experts, text.top_k_experts, text.moe_intermediate_size)

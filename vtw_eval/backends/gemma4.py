@@ -3,9 +3,9 @@
 Prompts and answers as lmms-eval 0.7.3's ``gemma4`` builds them (``models/simple/gemma4.py``): a
 system turn (``system_prompt``, "You are a helpful assistant." by default), then the user turn with
 the doc's images before its text (``<image>`` and ``<image N>`` removed); ``reasoning_prompt`` is
-appended to the stripped text; each image goes through a JPEG data URL (quality 85), as lmms-eval sends it, at most
-``max_soft_tokens`` soft tokens per image; the processor pads each batch to a multiple of 8
-tokens. Greedy, ``max_new_tokens`` 128 unless the task says otherwise; answers decoded with
+appended to the stripped text; each image goes through a JPEG data URL (quality 85), as lmms-eval
+sends it, at most ``max_soft_tokens`` soft tokens per image; the processor pads each batch to a
+multiple of 8 tokens. Greedy, ``max_new_tokens`` 128 unless the task says otherwise; answers decoded with
 special tokens skipped, cut at the task's ``until`` strings except ``"\\n\\n"`` (the end-of-turn
 token's text when the task gives none), not stripped. Images only: a video is refused by name, and
 so is ``interleave_visuals=True`` (lmms-eval's places the images at their ``<image N>`` marks, and
@@ -27,7 +27,7 @@ import re
 import torch
 from transformers import Gemma4ForConditionalGeneration
 
-from vtw_eval.architecture import Architecture, KeySharing
+from vtw_eval.architecture import Architecture, KeySharing, gemma4_key_producers
 from vtw_eval.backends import arguments
 from vtw_eval.backends.base import VTWBackend
 from vtw_eval.backends.gemma3 import VTWGemma3
@@ -36,19 +36,11 @@ from vtw_eval.backends.visuals import Visual, jpeg_data_url
 MAX_SOFT_TOKENS = ("70", "140", "280", "560", "1120")  # the image budgets Gemma 4's processor accepts
 
 
-def shared_key_producers(text_config) -> list[int | None]:
-    """For each layer, the layer whose keys it reads: a ``reuse`` layer reads the ``store`` layer of
-    its own kind (transformers' ``kv_sharing_modes``); every other layer its own (None)."""
-    modes, kinds = text_config.kv_sharing_modes, text_config.layer_types
-    stores = {kinds[index]: index for index, mode in enumerate(modes) if mode == "store"}
-    return [stores[kinds[index]] if mode == "reuse" else None for index, mode in enumerate(modes)]
-
-
 class VTWGemma4(VTWBackend):
     model_classes = {"gemma4": Gemma4ForConditionalGeneration}
     architecture = Architecture(
         per_layer_input="per_layer_input",
-        key_sharing=KeySharing(argument="shared_kv_states", producers=shared_key_producers),
+        key_sharing=KeySharing(argument="shared_kv_states", producers=gemma4_key_producers),
     )
     # lmms-eval's gemma4 generates and decodes as its gemma3 does.
     default_generation_kwargs = VTWGemma3.default_generation_kwargs
