@@ -96,3 +96,24 @@ def test_a_video_is_refused_by_name(tmp_path):
     request = Instance("generate_until", arguments, idx=0, metadata={"task": "video", "doc_id": 0, "repeats": 1})
     with pytest.raises(RuntimeError, match=r"cannot read the video clip.mp4: ValueError: VTWSmolVLM takes images"):
         lm.generate_until([request])
+
+
+def test_vtw_huggingface_answers_as_vtw_smolvlm(tmp_path):
+    """vtw_smolvlm is vtw_huggingface limited to SmolVLM: on a SmolVLM checkpoint the two answer
+    alike, doc for doc (vtw_smolvlm's answers equal lmms-eval's huggingface backend's through the
+    CLI: test_lmms_eval_parity). Gemma 4 checkpoints get Gemma 4's class and declaration."""
+    from tiny_models import build_tiny_gemma4
+
+    from vtw_eval.backends.gemma4 import VTWGemma4
+
+    path = str(build_tiny_smolvlm(tmp_path / "model"))
+    task_dict, instances = requests([1, 2, 1, 0])
+    answers = []
+    for backend in (VTWHuggingface, VTWSmolVLM):
+        lm = backend(pretrained=path, withdraw_layer="none", device="cpu")
+        lm.task_dict = task_dict
+        answers.append(lm.generate_until(instances))
+    assert answers[0] == answers[1] and len(set(answers[0])) > 2
+    lm = VTWHuggingface(pretrained=str(build_tiny_gemma4(tmp_path / "gemma4")), device="cpu")
+    assert type(lm.model) is transformers.Gemma4ForConditionalGeneration
+    assert lm.architecture is VTWGemma4.architecture and lm.withdrawal.key_producers == [None, None, 0, 1]

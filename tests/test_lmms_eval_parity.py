@@ -48,9 +48,9 @@ FAMILIES = {
     "mistral3_vl": ("vtw_mistral3", build_tiny_mistral3, ""),
     # lmms-eval's llama4_scout runs as shipped on transformers 5.25 (5.24's forward failed; NOTES).
     "llama4_scout": ("vtw_llama4", build_tiny_llama4, ""),
-    # vtw_smolvlm is vtw_huggingface limited to SmolVLM: the same class, prompts and arguments (its
-    # dispatch by model_type is tested in tests/test_huggingface.py; both through this CLI agreed, doc
-    # for doc, when measured, 2026-12-07, and one is kept for the suite's time).
+    # vtw_smolvlm is vtw_huggingface limited to SmolVLM: the same class, prompts and arguments. Both
+    # through this CLI agreed doc for doc when measured (2026-12-07); one is kept, for the suite's
+    # time, and tests/test_huggingface.py checks in-process that the two answer alike.
     "huggingface_with_test_shims": ("vtw_smolvlm", build_tiny_smolvlm, ""),
 }
 # The references that lmms-eval cannot run as shipped, and the module that runs them.
