@@ -18,6 +18,11 @@ Conventions (papers count three incompatible ways; this is VTW's own, "true FLOP
   the rates a and b, out), and the depthwise convolution 2*kernel*channels; in prefill the
   chunked delta rule (``LinearAttention.prefill_mixing_flops``: chunks of 64, its matrix products
   as transformers runs them), in decoding the recurrent one, 6*dk*dv per value head and token.
+- Gemma 4: full layers with their own head width and KV heads (values that are the keys: no v
+  projection), a per-layer input gated into every layer (2*2*d*p per token), experts beside the
+  MLP; KV-shared layers without k/v projections or cache, attending to their producer's keys (all
+  of them when it is before K: the withdrawn are masked, not skipped), on the last position only in
+  ``generate``'s prefill (``every_position`` for forwards that keep every logit).
 KV-cache bytes: keys and values, kv_heads*head_dim each per token and attention layer, at the
 cache dtype (a sliding-window layer caches its last window - 1 tokens; a decoding step attends to
 those and itself); a recurrent layer's states (convolution inputs, a float32 dk x dv state per value
