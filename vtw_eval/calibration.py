@@ -142,7 +142,7 @@ def every_layer_last_hidden(
             mask = withdrawal.layer_mask(index, hidden, mask_2d, None, slot_positions)
         else:  # what a KV-shared layer reads
             mask, extra[architecture.key_sharing.argument] = keys_of_producer(
-                withdrawal, plan, index, producer, hidden, stored, layer_kwargs[index]
+                withdrawal, plan, index, producer, hidden, slot_positions, stored, layer_kwargs[index]
             )
         with withdrawal.queries_at(slot_positions):  # queries scaled by their own positions (Llama 4)
             hidden = layer(
@@ -158,12 +158,15 @@ def every_layer_last_hidden(
     return full.logits[:, -positions:], last.view(withdrawal.num_layers, batch, positions, -1)
 
 
-def keys_of_producer(withdrawal, plan, index: int, producer: int, hidden, stored: dict, seen: dict) -> tuple:
-    """For KV-shared layer ``index`` over the stacked candidates k = 0..index: its attention mask
-    and the keys and values it reads, as the layer takes them (by kind). Candidates k <= producer
-    read the keys the producer computed over their kept tokens in this pass, placed at those
-    tokens' positions; candidates k > producer read the keys of the unmodified forward, every
-    position, the withdrawn ones masked (the engine's rule; docs/design.md)."""
+def keys_of_producer(
+    withdrawal, plan, index: int, producer: int, hidden, slot_positions, stored: dict, seen: dict
+) -> tuple:
+    """For KV-shared layer ``index`` over the stacked candidates k = 0..index (their queries at
+    ``slot_positions``): its attention mask and the keys and values it reads, as the layer takes
+    them (by kind). Candidates k <= producer read the keys the producer computed over their kept
+    tokens in this pass, placed at those tokens' positions; candidates k > producer read the keys
+    of the unmodified forward, every position, the withdrawn ones masked (the engine's rule;
+    docs/design.md)."""
     argument = withdrawal.architecture.key_sharing.argument
     kind = withdrawal.layer_kinds[producer]
     prompt_length = plan.prompt_length
@@ -182,7 +185,7 @@ def keys_of_producer(withdrawal, plan, index: int, producer: int, hidden, stored
         index,
         hidden,
         tile_batch(plan.kept_mask.to(hidden.device), copies, 1),
-        tile_batch(plan.kept_counted_positions.to(hidden.device), copies, 1),
+        slot_positions,
         tile_batch(key_positions, copies, 1),
     )
     return mask, {kind: tuple(placed)}
